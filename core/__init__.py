@@ -1,0 +1,1 @@
+"""Shared infrastructure: errors with key/value/hint, atomic I/O, content hashing."""

@@ -1,0 +1,22 @@
+"""GPT-2 family (gpt2, gpt2-xl): Conv1D weights stored as [in out]."""
+
+from models.adapters.base import ArchitectureAdapter, register_adapter
+
+
+@register_adapter("gpt2")
+def gpt2_adapter(config) -> ArchitectureAdapter:
+    return ArchitectureAdapter(
+        family="gpt2",
+        n_layers=config.n_layer,
+        d_model=config.n_embd,
+        d_mlp=config.n_inner or 4 * config.n_embd,
+        vocab_size=config.vocab_size,
+        embed="transformer.wte",
+        block="transformer.h.{layer}",
+        attn="transformer.h.{layer}.attn",
+        mlp="transformer.h.{layer}.mlp",
+        mlp_out="transformer.h.{layer}.mlp.c_proj",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        mlp_out_layout="conv1d",
+    )

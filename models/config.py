@@ -1,0 +1,34 @@
+"""Typed schema of the ``model`` config group (registered as ``model/model_schema``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from omegaconf import MISSING
+
+SOURCES = ("embedded", "hub", "local", "tiny")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # embedded: a GGUF file inside a pip package; hub: a Hugging Face id; local: a directory;
+    # tiny: a random model built in code (tests).
+    source: str = MISSING
+    id: Optional[str] = None
+    revision: Optional[str] = None
+    gguf_package: Optional[str] = None
+    gguf_file: Optional[str] = None
+    dtype: str = "float32"
+    device: str = "auto"
+    # "auto" spreads a model over several GPUs (accelerate); None keeps it on ``device``.
+    device_map: Optional[str] = None
+    attn_implementation: Optional[str] = "sdpa"
+    trust_remote_code: bool = False
+    # tiny random models: family (gpt2, gptj, llama), sizes and seed; the tokenizer is the embedded one's.
+    tiny_family: Optional[str] = None
+    tiny_layers: int = 4
+    tiny_d_model: int = 32
+    seed: int = 0

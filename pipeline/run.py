@@ -1,0 +1,31 @@
+"""Entry point: ``python -m pipeline.run [overrides]`` or ``python -m pipeline.run -m a=1,2 b=x,y``.
+
+Only the Hydra shell lives here; the work is ``pipeline.jobs.run_job`` and the stage functions.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from pipeline.config import dirname_from_overrides, register_configs
+from pipeline.jobs import run_job
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    job_dir = Path(hydra_cfg.runtime.output_dir)
+    name = dirname_from_overrides(hydra_cfg.job.override_dirname)
+    logging.getLogger(__name__).info("job %s -> %s", name, job_dir)
+    run_job(cfg, job_dir, job_name=name)
+
+
+if __name__ == "__main__":
+    main()

