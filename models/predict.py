@@ -19,6 +19,8 @@ def greedy_continuations(loaded: LoadedModel, prompts: list[str], max_new_tokens
     tokenizer = loaded.tokenizer
     if isinstance(max_new_tokens, int):
         max_new_tokens = [max_new_tokens] * len(prompts)
+    if not prompts:
+        return []
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: (lengths[i], max_new_tokens[i]))
     outputs: list[str] = [""] * len(prompts)
@@ -49,6 +51,8 @@ def starts_with_target(continuation: str, target: str) -> bool:
 def next_tokens(loaded: LoadedModel, prompts: list[str], batch_size: int = 64, progress: bool = True) -> list[int]:
     """The greedy next token after each prompt: one forward pass per batch, logits at the last position only."""
     tokenizer = loaded.tokenizer
+    if not prompts:
+        return []
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     result: list[int] = [0] * len(prompts)

@@ -19,22 +19,22 @@ def build_tiny_model(family: str, vocab_size: int, n_layers: int = 4, d_model: i
                      eos_token_id: int | None = None) -> PreTrainedModel:
     """A randomly initialised causal LM with ``n_layers`` blocks of width ``d_model``."""
     n_heads = 4
+    ids = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": eos_token_id}
     if family == "gpt2":
         config = GPT2Config(vocab_size=vocab_size, n_positions=256, n_embd=d_model, n_layer=n_layers, n_head=n_heads,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
         cls = GPT2LMHeadModel
     elif family == "gptj":
         config = GPTJConfig(vocab_size=vocab_size, n_positions=256, n_embd=d_model, n_layer=n_layers, n_head=n_heads,
-                            rotary_dim=d_model // n_heads // 2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                            rotary_dim=d_model // n_heads // 2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
         cls = GPTJForCausalLM
     elif family == "llama":
         config = LlamaConfig(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=2 * d_model,
                              num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=2,
-                             max_position_embeddings=256, tie_word_embeddings=False)
+                             max_position_embeddings=256, tie_word_embeddings=False, **ids)
         cls = LlamaForCausalLM
     else:
         raise ConfigError("model.tiny_family", family, "unknown tiny family", hint=f"use one of {', '.join(TINY_FAMILIES)}")
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = bos_token_id, eos_token_id, eos_token_id
     if attn_implementation:
         config._attn_implementation = attn_implementation
     generator_state = torch.random.get_rng_state()

@@ -63,7 +63,17 @@ SCHEMAS: list[tuple[str, str, str]] = [
     ("perspective", "perspective_schema", "pipeline.config:PerspectiveConfig"),
     ("logger", "logger_schema", "pipeline.config:LoggerConfig"),
     ("editor", "editor_schema", "pipeline.config:EditorConfig"),
+    ("editor", "rome_schema", "editors.rome:RomeConfig"),
+    ("editor", "memit_schema", "editors.memit:MemitConfig"),
+    ("editor", "ft_schema", "editors.ft:FtConfig"),
+    ("editor", "kn_schema", "editors.kn:KnConfig"),
+    ("editor", "mend_schema", "editors.mend.editor:MendConfig"),
+    ("stage", "train_mend_schema", "pipeline.stages.train_mend:TrainMendStageConfig"),
+    ("stage", "edit_schema", "pipeline.stages.edit:EditStageConfig"),
+    ("stage", "summarize_schema", "pipeline.stages.summarize:SummarizeStageConfig"),
     ("stage", "known_schema", "pipeline.stages.known:KnownStageConfig"),
+    ("stage", "trace_schema", "pipeline.stages.trace:TraceStageConfig"),
+    ("stage", "evaluate_schema", "pipeline.stages.evaluate:EvaluateStageConfig"),
 ]
 
 

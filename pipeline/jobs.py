@@ -54,6 +54,8 @@ def run_job(cfg: DictConfig, job_dir: Path, job_name: str = "defaults") -> dict:
         return read_json(job_dir / RESULTS)
     if is_done(job_dir):
         (job_dir / RESULTS).unlink()
+    for stale in job_dir.glob(".tmp-*"):  # left by a killed run; never read, so just clear them
+        stale.unlink()
     stage = cfg.stage.name
     atomic_write_text(job_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     started = time.time()

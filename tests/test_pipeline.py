@@ -74,3 +74,21 @@ def test_cli_multirun_skips_done_jobs_and_force_recomputes(tmp_path):
     assert [m.stat().st_mtime_ns for m in markers] == stamps
     run("force=true")
     assert all(m.stat().st_mtime_ns != s for m, s in zip(markers, stamps))
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_the_same_jobs(tmp_path):
+    """The cluster code path (submitit) on this machine: same job dirs, same done-markers."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    env = {**os.environ, "KLOC_CACHE_DIR": str(ROOT / ".cache"), "WANDB_SILENT": "true"}
+    cmd = [sys.executable, "-m", "pipeline.run", "-m", "hydra/launcher=local", "stage=known", "dataset=known",
+           "dataset.limit=4", "model=tiny_gpt2,tiny_gptj", "logger=none", f"paths.output_dir={tmp_path}", "sweep_name=s"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list((tmp_path / "sweeps" / "s").glob("*/results.json"))) == 2
+
+
+def test_empty_fact_list_is_fine(tiny_gpt2):
+    from facts.knowledge import check_knowledge
+
+    assert check_knowledge(tiny_gpt2, [], progress=False) == []

@@ -1,0 +1,132 @@
+"""The editor interface: ``editor.apply(loaded, requests) -> EditResult``, a context manager.
+
+``apply`` changes the weights in place and returns the originals it needs to undo that; leaving
+the ``with`` block restores them bit-for-bit, also after an exception inside the block. An
+editor only computes its ``WeightDeltas`` (``compute``); snapshot, restore-on-failure and the
+final application are here, so the edited weights are exactly ``original + delta`` and
+``deltas.applied(model, result.deltas)`` reproduces them later.
+
+Hyperparameters shared by the locate-then-edit editors (ROME, MEMIT) live in
+``LocateEditConfig``; the per-model values (layers, statistics size) come from ``editor_model/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+from omegaconf import MISSING
+from torch import Tensor, nn
+
+from core.errors import ConfigError
+from editors.deltas import WeightDeltas, add_in_place, restore, snapshot
+from editors.requests import EditRequest, check_requests
+from editors.stats import StatsConfig
+from editors.templates import context_templates
+from editors.values import ValueSettings
+from models.load import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LocateEditConfig:
+    """ROME/MEMIT hyperparameters (names follow the authors' hparams files)."""
+
+    name: str = MISSING
+    layers: list[int] = MISSING
+    # value optimisation (compute_v / compute_z); the loss is read at the final layer
+    v_num_grad_steps: int = 20
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    kl_prompts: list[str] = field(default_factory=lambda: ["{} is a"])
+    early_stop_loss: float = 0.05
+    # context templates: [length, count] pairs; generation starts at these prompts ([] = start-of-text)
+    context_template_lengths: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
+    context_prompts: list[str] = field(default_factory=list)
+    context_seed: int = 0
+    # second-moment statistics of the rewritten layers' keys
+    stats: StatsConfig = field(default_factory=StatsConfig)
+
+    def value_settings(self) -> ValueSettings:
+        return ValueSettings(self.v_num_grad_steps, self.v_lr, self.v_weight_decay, self.clamp_norm_factor,
+                             self.kl_factor, tuple(self.kl_prompts), self.early_stop_loss)
+
+    def validate(self, n_layers: int) -> None:
+        if not self.layers:
+            raise ConfigError("editor.layers", self.layers, "no layer to rewrite",
+                              "set editor.layers or add conf/editor_model/<editor>_<model>.yaml")
+        bad = [layer for layer in self.layers if not 0 <= layer < n_layers]
+        if bad:
+            raise ConfigError("editor.layers", list(self.layers), f"out of range ({n_layers} layers)", f"use 0-{n_layers - 1}")
+        if self.v_num_grad_steps < 1 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
+            raise ConfigError("editor", self.name, "v_num_grad_steps >= 1, v_lr > 0 and clamp_norm_factor > 0", "")
+        self.stats.validate()
+
+
+@dataclass
+class EditResult:
+    """The edit in force: deltas, the original weights, per-request diagnostics. Restores on exit."""
+
+    model: nn.Module
+    deltas: WeightDeltas
+    originals: dict[str, Tensor]
+    infos: list[dict[str, Any]]
+    seconds: float
+    restored: bool = False
+
+    def restore(self) -> None:
+        if not self.restored:
+            restore(self.model, self.originals)
+            self.restored = True
+
+    def __enter__(self) -> "EditResult":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.restore()
+        return False
+
+
+class Editor(ABC):
+    """An editor bound to its config and cache/data dirs (statistics, templates, inverses are reused)."""
+
+    name: ClassVar[str]
+    # How many cases a pipeline edits at once by default (ROME: one at a time; MEMIT: batches).
+    default_edit_batch_size: ClassVar[int] = 1
+
+    def __init__(self, config: LocateEditConfig, cache_dir: str | Path | None = None, data_dir: str | Path | None = None) -> None:
+        self.config = config
+        self.cache_dir = cache_dir
+        self.data_dir = data_dir
+
+    def apply(self, loaded: LoadedModel, requests: Sequence[EditRequest]) -> EditResult:
+        """Edit ``loaded.model`` in place; use the result as a context manager to restore it."""
+        requests = check_requests(requests)
+        self.config.validate(loaded.adapter.n_layers)
+        names = WeightDeltas.for_mlp_out(loaded.model, loaded.adapter, {
+            layer: loaded.adapter.mlp_out_matrix(loaded.model, layer) for layer in self.config.layers}).names()
+        originals = snapshot(loaded.model, names)
+        started = time.time()
+        try:
+            deltas, infos = self.compute(loaded, requests)
+            restore(loaded.model, originals)
+            add_in_place(loaded.model, deltas)
+        except BaseException:
+            restore(loaded.model, originals)
+            raise
+        return EditResult(loaded.model, deltas, originals, infos, time.time() - started)
+
+    @abstractmethod
+    def compute(self, loaded: LoadedModel, requests: list[EditRequest]) -> tuple[WeightDeltas, list[dict[str, Any]]]:
+        """The deltas of ``requests`` (may change the weights meanwhile; ``apply`` restores them)."""
+
+    def contexts(self, loaded: LoadedModel) -> list[str]:
+        return context_templates(loaded, self.config.context_template_lengths, self.config.context_prompts,
+                                 self.config.context_seed, cache_dir=self.cache_dir)

@@ -1,0 +1,192 @@
+"""FT (constrained fine-tuning, ROME's "FT-L"): Adam on one MLP output projection, L-inf bounded.
+
+The rewritten weights W (``editor.layers``, the paper's layer 0 for GPT-2 XL) are trained to
+minimise the mean per-token NLL of ``" " + target`` after each rewrite prompt (teacher forced,
+tokenized exactly as ``models.scoring`` scores it), and after every Adam step they are clamped
+to ``W0 - eps <= W <= W0 + eps`` (``norm_constraint`` eps; Zhu et al. 2020, ROME's FT-L). The
+loop stops as soon as the loss is below ``early_stop_loss`` (the target is reached: mean p > 0.99
+at 0.01). Relation requests carry the add prompt and the removal prompt; ``rewrites: main``
+trains on the add prompt -> relation phrase only, as the authors' FT does; ``all`` uses both.
+
+``target_batch``/``target_nll_rows`` (teacher-forced NLL of targets after prompts) are shared
+with KN and MEND.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from core.errors import ConfigError
+from editors.base import Editor
+from editors.deltas import WeightDeltas, parameters
+from editors.requests import EditRequest
+from models.load import LoadedModel
+from models.scoring import encode_prompts, encode_targets
+
+log = logging.getLogger(__name__)
+
+RewriteChoice = Literal["main", "all"]
+REWRITE_CHOICES = ("main", "all")
+
+
+# ------------------------------------------------------------------------------ shared helpers
+@dataclass
+class TargetBatch:
+    """Right-padded ``prompt + target[:-1]`` rows and the (row, position, id) of every target token."""
+
+    input_ids: Tensor  # [batch pos]
+    attention_mask: Tensor  # [batch pos]
+    token_rows: Tensor  # [n] row of each target token
+    token_cols: Tensor  # [n] position whose logits predict it
+    token_ids: Tensor  # [n]
+    token_weight: Tensor  # [n] 1 / (target length of its row): a row's NLL is the mean over its tokens
+    prompt_lengths: list[int]
+    target_ids: list[list[int]]
+
+    @property
+    def n_rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    def inputs(self) -> dict[str, Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+
+def target_batch(loaded: LoadedModel, prompts: Sequence[str], targets: Sequence[str]) -> TargetBatch:
+    """Tokenize prompts and ``" " + target`` separately (as the evaluation scores them) and join them."""
+    prompt_ids, target_ids = encode_prompts(loaded, list(prompts)), encode_targets(loaded, list(targets))
+    rows = [p + t[:-1] for p, t in zip(prompt_ids, target_ids)]
+    width = max(map(len, rows))
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    token_rows, token_cols, token_ids, weights = [], [], [], []
+    for row, (p, t) in enumerate(zip(prompt_ids, target_ids)):
+        for j, token in enumerate(t):
+            token_rows.append(row)
+            token_cols.append(len(p) - 1 + j)
+            token_ids.append(token)
+            weights.append(1.0 / len(t))
+    device = loaded.device
+
+    def long(values) -> Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    return TargetBatch(
+        input_ids=long([r + [pad] * (width - len(r)) for r in rows]),
+        attention_mask=long([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+        token_rows=long(token_rows), token_cols=long(token_cols), token_ids=long(token_ids),
+        token_weight=torch.tensor(weights, device=device), prompt_lengths=[len(p) for p in prompt_ids], target_ids=target_ids,
+    )
+
+
+def target_nll_rows(logits: Tensor, batch: TargetBatch) -> Tensor:
+    """Mean NLL of each row's target tokens.  logits: [batch pos vocab] -> [batch]"""
+    picked = logits[batch.token_rows, batch.token_cols].float().log_softmax(-1)  # [n vocab]
+    token_nll = -picked.gather(1, batch.token_ids[:, None])[:, 0]
+    return torch.zeros(batch.n_rows, device=logits.device).index_add(0, batch.token_rows, token_nll * batch.token_weight)
+
+
+def rewrite_pairs(requests: Sequence[EditRequest], rewrites: str) -> tuple[list[str], list[str]]:
+    """(prompt, target) of each request's rewrites: the first only (``main``) or all of them."""
+    prompts, targets = [], []
+    for request in requests:
+        for rewrite in request.rewrites if rewrites == "all" else request.rewrites[:1]:
+            prompts.append(rewrite.template.replace("{}", request.subject, 1))
+            targets.append(rewrite.target)
+    return prompts, targets
+
+
+def check_layers(key: str, layers: Sequence[int], n_layers: int) -> None:
+    if not layers:
+        raise ConfigError(key, list(layers), "no layer to rewrite", "set it or add conf/editor_model/<editor>_<model>.yaml")
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise ConfigError(key, list(layers), f"out of range ({n_layers} layers)", f"use 0-{n_layers - 1}")
+
+
+def check_choice(key: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(key, value, "unknown choice", f"use one of {', '.join(choices)}")
+
+
+# ------------------------------------------------------------------------------------------ FT
+@dataclass
+class FtConfig:
+    """FT-L hyperparameters (ROME/EasyEdit names); the layer is per model (``editor_model/``)."""
+
+    name: str = "ft"
+    layers: list[int] = field(default_factory=lambda: [0])
+    num_steps: int = 25
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    # L-inf bound on each weight's change (null: unconstrained fine-tuning)
+    norm_constraint: Optional[float] = 5e-4
+    early_stop_loss: float = 1e-2
+    rewrites: str = "main"
+
+    def validate(self, n_layers: int) -> None:
+        check_layers("editor.layers", self.layers, n_layers)
+        check_choice("editor.rewrites", self.rewrites, REWRITE_CHOICES)
+        if self.num_steps < 1 or self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError("editor", self.name, "num_steps >= 1, lr > 0 and weight_decay >= 0 are required", "")
+        if self.norm_constraint is not None and self.norm_constraint <= 0:
+            raise ConfigError("editor.norm_constraint", self.norm_constraint, "must be > 0", "use null for no constraint")
+
+
+def fine_tune(loaded: LoadedModel, names: list[str], batch: TargetBatch, config: FtConfig,
+              on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """Train the named parameters in place on ``batch`` (L-inf clamp around their values at entry)."""
+    params = parameters(loaded.model, names)
+    start = {name: p.detach().clone() for name, p in params.items()}
+    flags = {name: p.requires_grad for name, p in params.items()}
+    optimizer = torch.optim.Adam(params.values(), lr=config.lr, weight_decay=config.weight_decay)
+    losses: list[float] = []
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for step in range(config.num_steps):
+                optimizer.zero_grad(set_to_none=True)
+                logits = loaded.model(**batch.inputs()).logits  # [batch pos vocab]
+                loss = target_nll_rows(logits, batch).mean()
+                losses.append(float(loss.detach()))
+                if on_step is not None:
+                    on_step(step, losses[-1])
+                if losses[-1] < config.early_stop_loss:
+                    break
+                loss.backward()
+                optimizer.step()
+                if config.norm_constraint is not None:
+                    with torch.no_grad():
+                        eps = config.norm_constraint
+                        for name, p in params.items():
+                            p.copy_(torch.clamp(p, start[name] - eps, start[name] + eps))
+    finally:
+        for name, p in params.items():
+            p.requires_grad_(flags[name])
+            p.grad = None
+    return losses
+
+
+class Ft(Editor):
+    """Constrained fine-tuning of the MLP output projections of ``config.layers``."""
+
+    name = "ft"
+    config: FtConfig
+
+    def compute(self, loaded: LoadedModel, requests: list[EditRequest]) -> tuple[WeightDeltas, list[dict[str, Any]]]:
+        model, adapter = loaded.model, loaded.adapter
+        by_id = {id(p): n for n, p in model.named_parameters()}
+        names = [by_id[id(adapter.mlp_out_weight(model, layer))] for layer in sorted(self.config.layers)]
+        before = {name: p.detach().clone() for name, p in parameters(model, names).items()}
+        prompts, targets = rewrite_pairs(requests, self.config.rewrites)
+        losses = fine_tune(loaded, names, target_batch(loaded, prompts, targets), self.config)
+        after = parameters(model, names)
+        deltas = WeightDeltas({name: (after[name].detach() - before[name]) for name in names})
+        info = {"steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1],
+                "max_abs_change": max(float(d.abs().max()) for d in deltas.deltas.values()), "update_norms": deltas.norms()}
+        log.debug("ft: %d steps, loss %.3f -> %.3f", len(losses), losses[0], losses[-1])
+        return deltas, [{"case_id": r.case_id, "request": r.describe(), **info} for r in requests]

@@ -1,0 +1,100 @@
+"""The MEND editor: one forward/backward on the request, then the trained network's weight update.
+
+The checkpoint comes from ``editor.checkpoint`` (a train_mend job dir or cache entry) or, when
+that is null, from the cache by model identity (and ``editor.layers`` when set). The requests'
+rewrites are teacher forced together (``rewrites: main``: the first rewrite only, as the authors'
+MEND edits the sentence add_rel_prompt + " " + relation phrase in the relation perspective).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+
+from core.errors import ConfigError
+from editors.base import EditResult, Editor
+from editors.deltas import WeightDeltas, add_in_place, restore, snapshot
+from editors.ft import REWRITE_CHOICES, check_choice, rewrite_pairs, target_batch
+from editors.mend.checkpoint import find_checkpoint, load_checkpoint
+from editors.mend.factors import gradient_factors, projection_names
+from editors.mend.network import MendNetwork, NetworkConfig
+from editors.requests import EditRequest, check_requests
+from models.load import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MendConfig:
+    name: str = "mend"
+    # edited MLP output projections (null: the checkpoint's); train_mend trains these
+    layers: Optional[list[int]] = None
+    # a train_mend job dir / cache entry (or its mend.safetensors); null: newest cached one for the model
+    checkpoint: Optional[str] = None
+    rewrites: str = "main"
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+
+    def validate(self, n_layers: int) -> None:
+        check_choice("editor.rewrites", self.rewrites, REWRITE_CHOICES)
+        if self.layers is not None:
+            bad = [layer for layer in self.layers if not 0 <= layer < n_layers]
+            if bad or not self.layers:
+                raise ConfigError("editor.layers", list(self.layers), f"needs layers in 0-{n_layers - 1}",
+                                  "use null for the checkpoint's layers")
+        if self.network.rank < 1 or self.network.n_hidden < 0 or self.network.edit_lr <= 0:
+            raise ConfigError("editor.network", self.network, "rank >= 1, n_hidden >= 0 and edit_lr > 0 are required", "")
+
+
+class Mend(Editor):
+    name = "mend"
+    config: MendConfig
+
+    def __init__(self, config: MendConfig, cache_dir=None, data_dir=None, network: MendNetwork | None = None) -> None:
+        super().__init__(config, cache_dir, data_dir)
+        self._networks: dict[str, tuple[MendNetwork, dict]] = {}
+        self._given = network
+
+    def network(self, loaded: LoadedModel) -> MendNetwork:
+        """The checkpoint's network for this model (loaded once per model), or the one passed in."""
+        if self._given is not None:
+            return self._given
+        key = repr(sorted(loaded.identity.items()))
+        if key not in self._networks:
+            path = self.config.checkpoint or find_checkpoint(self.cache_dir, loaded.identity, self.config.layers)
+            network, meta = load_checkpoint(path, loaded, self.config.layers)
+            log.info("mend: checkpoint %s (layers %s, %s steps)", path, network.layers, meta.get("summary", {}).get("steps"))
+            self._networks[key] = (network, meta)
+        return self._networks[key][0]
+
+    def apply(self, loaded: LoadedModel, requests: Sequence[EditRequest]) -> EditResult:
+        """As ``Editor.apply``, with the edited layers taken from the checkpoint."""
+        requests = check_requests(requests)
+        self.config.validate(loaded.adapter.n_layers)
+        started = time.time()
+        deltas, infos = self.compute(loaded, requests)  # reads the weights, never writes them
+        originals = snapshot(loaded.model, deltas.names())
+        try:
+            add_in_place(loaded.model, deltas)
+        except BaseException:
+            restore(loaded.model, originals)
+            raise
+        return EditResult(loaded.model, deltas, originals, infos, time.time() - started)
+
+    def compute(self, loaded: LoadedModel, requests: list[EditRequest]) -> tuple[WeightDeltas, list[dict[str, Any]]]:
+        network = self.network(loaded)
+        network.eval()
+        layers = network.layers
+        prompts, targets = rewrite_pairs(requests, self.config.rewrites)
+        factors, inner_loss = gradient_factors(loaded, target_batch(loaded, prompts, targets), layers)
+        with torch.no_grad():
+            updates = network(factors)
+        deltas = WeightDeltas.for_mlp_out(loaded.model, loaded.adapter, {layer: u.float() for layer, u in updates.items()})
+        names = projection_names(loaded, layers)
+        info = {"inner_loss": inner_loss, "tokens": int(next(iter(factors.values()))[0].shape[0]),
+                "update_norms": {str(layer): float(updates[layer].norm()) for layer in layers},
+                "edit_lrs": [float(x) for x in network.edit_lrs], "parameters": [names[layer] for layer in layers]}
+        return deltas, [{"case_id": r.case_id, "request": r.describe(), **info} for r in requests]

@@ -1,0 +1,202 @@
+"""Second-moment statistics C = E[k k^T] of the MLP keys (``blocks.{l}.mlp.hook_post``).
+
+ROME and MEMIT weigh their updates by C: ROME's key direction is C^-1 k*, MEMIT's least squares
+is regularised by C. C is estimated over a text corpus (ROME: 100k Wikipedia articles) and
+accumulated in float64 over every non-padding token. Corpora come from the ``datasets`` hub
+(``wikipedia``, ``wikitext103``) when reachable, or from local text (``wikitext2``: the WikiText-2
+files facts.sources resolves or ``path``; ``files``: any text files, one sample per line).
+
+Each layer is a cache entry (safetensors + key.json written last) keyed by model identity, layer,
+corpus, sample count, token limit and dtypes; a run computes only the layers that are missing,
+in one forward pass that stops after the deepest of them, under a per-entry lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from core.errors import ConfigError, DataError
+from core.hashing import CacheEntry
+from core.io import atomic_save_tensors, load_tensors
+from models.hooks import Hooks
+from models.load import LoadedModel
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = "1"
+CORPORA = ("wikitext2", "wikitext103", "wikipedia", "files")
+WIKITEXT2_FILES = ("wikitext-2-raw/wiki.test.raw", "wikitext-2/valid.txt")  # ~0.45M words, ~4k paragraphs
+
+
+@dataclass
+class StatsConfig:
+    """Which corpus and how much of it; ``n_samples`` counts texts (articles or paragraphs)."""
+
+    corpus: str = "wikitext2"
+    n_samples: int = 100000
+    max_tokens: int = 1024  # each sample is truncated to this many tokens (ROME: the model's context)
+    batch_size: int = 8
+    path: Optional[str] = None  # wikitext2: a dir holding the WikiText-2 files; files: a file or dir of .txt/.raw
+
+    def validate(self) -> None:
+        if self.corpus not in CORPORA:
+            raise ConfigError("stats.corpus", self.corpus, "unknown corpus", f"use one of {', '.join(CORPORA)}")
+        if self.n_samples < 1 or self.max_tokens < 2 or self.batch_size < 1:
+            raise ConfigError("stats", asdict(self), "n_samples, batch_size >= 1 and max_tokens >= 2", "")
+        if self.corpus == "files" and not self.path:
+            raise ConfigError("stats.path", self.path, "corpus=files needs a path", "a text file or a directory of them")
+
+
+# ------------------------------------------------------------------------------------- corpora
+def _clean_wikitext(text: str) -> list[str]:
+    """Paragraphs of a WikiText file: headings dropped, `` @-@ `` joins and ``<unk>`` removed."""
+    paragraphs = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("="):
+            continue
+        line = re.sub(r" @(.)@ ", r"\1", line.replace("<unk>", ""))
+        line = re.sub(r" ([,.;:!?)'])", r"\1", re.sub(r"\s+", " ", line))
+        paragraphs.append(line.strip())
+    return paragraphs
+
+
+def _hub_texts(corpus: str, n_samples: int) -> list[str]:
+    try:
+        from datasets import load_dataset
+
+        if corpus == "wikipedia":
+            stream = load_dataset("wikimedia/wikipedia", "20231101.en", split="train", streaming=True)
+        else:
+            stream = load_dataset("Salesforce/wikitext", "wikitext-103-raw-v1", split="train", streaming=True)
+        texts = []
+        for row in stream:
+            text = row["text"].strip()
+            if text and not text.startswith("="):
+                texts.append(text)
+            if len(texts) >= n_samples:
+                break
+        return texts
+    except Exception as err:  # noqa: BLE001 - any hub failure means: use a local corpus
+        raise DataError("stats.corpus", corpus, f"cannot load from the hub ({type(err).__name__}: {err})",
+                        "offline? use editor.stats.corpus=wikitext2 (bundled) or corpus=files with a path") from err
+
+
+def corpus_texts(config: StatsConfig, data_dir: str | Path | None = None) -> list[str]:
+    """Up to ``n_samples`` texts of the configured corpus (fewer if the corpus is smaller)."""
+    config.validate()
+    if config.corpus in ("wikitext103", "wikipedia"):
+        return _hub_texts(config.corpus, config.n_samples)
+    if config.corpus == "files":
+        root = Path(config.path)
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        if not files or not all(f.exists() for f in files):
+            raise DataError("stats.path", config.path, "no text files found", "give a text file or a directory of them")
+        texts = [line.strip() for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif config.path:
+        texts = []
+        for name in WIKITEXT2_FILES:
+            file = Path(config.path) / name
+            if not file.exists():
+                raise DataError("stats.path", str(file), "WikiText-2 file missing", "point stats.path at the wikitext dir")
+            texts += _clean_wikitext(file.read_text(encoding="utf-8"))
+    else:
+        from facts.sources import wikitext
+
+        texts = [p for name in WIKITEXT2_FILES for p in _clean_wikitext(wikitext(name, data_dir=data_dir))]
+    if len(texts) < config.n_samples:
+        log.info("corpus %s has %d samples (< n_samples=%d): using all", config.corpus, len(texts), config.n_samples)
+    return texts[: config.n_samples]
+
+
+# -------------------------------------------------------------------------------- accumulation
+def key_hook(layer: int) -> str:
+    return f"blocks.{layer}.mlp.hook_post"
+
+
+@torch.no_grad()
+def accumulate_second_moments(
+    loaded: LoadedModel, layers: Sequence[int], texts: Sequence[str], max_tokens: int = 1024, batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[dict[int, Tensor], int]:
+    """``({layer: E[k k^T] [d_mlp d_mlp] float64}, token count)`` over every non-padding token."""
+    layers = sorted({loaded.adapter.check_layer(layer, key="editor.layers") for layer in layers})
+    d_mlp = loaded.adapter.d_mlp
+    sums = {layer: torch.zeros(d_mlp, d_mlp, dtype=torch.float64, device=loaded.device) for layer in layers}
+    count = 0
+    tokenizer = loaded.tokenizer
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths per batch: little padding
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    mask: Tensor | None = None
+
+    def accumulate(tensor: Tensor, name: str) -> None:
+        keys = tensor[mask].to(torch.float64)  # [token d_mlp]
+        sums[int(name.split(".")[1])].addmm_(keys.T, keys)
+
+    with _right_padding(tokenizer):
+        for batch in tqdm(batches, desc="second moments", disable=not progress):
+            encoded = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, truncation=True,
+                                max_length=max_tokens).to(loaded.device)
+            mask = encoded["attention_mask"].bool()  # [batch pos]
+            with Hooks(loaded.model, loaded.adapter, {key_hook(layer): accumulate for layer in layers},
+                       stop_after=key_hook(layers[-1])):
+                loaded.model(**encoded)
+            count += int(mask.sum())
+    if count == 0:
+        raise DataError("stats.corpus", len(texts), "no tokens to average over", "check the corpus")
+    return {layer: total / count for layer, total in sums.items()}, count
+
+
+@contextlib.contextmanager
+def _right_padding(tokenizer):
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = side
+
+
+# ------------------------------------------------------------------------------------- caching
+def cache_key(loaded: LoadedModel, layer: int, config: StatsConfig) -> dict:
+    return {"version": FORMAT_VERSION, "model": loaded.identity, "hook": key_hook(layer), "corpus": config.corpus,
+            "path": config.path, "n_samples": config.n_samples, "max_tokens": config.max_tokens,
+            "activation_dtype": str(next(loaded.model.parameters()).dtype), "accumulation_dtype": "float64"}
+
+
+def second_moments(
+    loaded: LoadedModel, layers: Sequence[int], config: StatsConfig, cache_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+) -> dict[int, Tensor]:
+    """``{layer: E[k k^T]}`` (float64), from the cache where present; missing layers in one pass."""
+    config.validate()
+    layers = sorted(set(layers))
+    if cache_dir is None:
+        return accumulate_second_moments(loaded, layers, corpus_texts(config, data_dir), config.max_tokens, config.batch_size)[0]
+    entries = {layer: CacheEntry(cache_dir, "second_moments", cache_key(loaded, layer, config)) for layer in layers}
+    missing = [layer for layer in layers if not entries[layer].done]
+    if missing:
+        with contextlib.ExitStack() as stack:
+            for layer in missing:  # sorted order: no two processes wait on each other
+                stack.enter_context(entries[layer].lock())
+            missing = [layer for layer in missing if not entries[layer].done]
+            if missing:
+                log.info("second moments for layers %s of %s (%s, %d samples)", missing, loaded.identity.get("name"),
+                         config.corpus, config.n_samples)
+                texts = corpus_texts(config, data_dir)
+                moments, count = accumulate_second_moments(loaded, missing, texts, config.max_tokens, config.batch_size)
+                for layer, moment in moments.items():
+                    atomic_save_tensors(entries[layer].path("mom2.safetensors"), {"mom2": moment},
+                                        metadata={"tokens": str(count), "samples": str(len(texts))})
+                    entries[layer].mark_done()
+    # clone: the loaded tensor may be backed by the file's memory map
+    return {layer: load_tensors(entries[layer].path("mom2.safetensors"))["mom2"].clone().to(loaded.device) for layer in layers}

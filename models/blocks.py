@@ -1,0 +1,130 @@
+"""Run decoder blocks directly: from a residual state at block l to the logits, on a suffix of positions.
+
+Causal tracing restores one (token, layer) state at a time. Everything below the restored layer
+and every position before the restored token is identical to the corrupted run, so a restored run
+can start at block l from a cached residual state, compute only positions >= t while attending to
+the cached keys/values of positions < t (a ``PrefixCache``), and read logits at the last position
+only. ``BlockStack`` hides the per-family calling convention (GPT-2 learned positions, GPT-J and
+Llama rotary embeddings) behind one interface; the modules are the model's own, so hooks placed
+with ``models.hooks.Hooks`` fire as in a normal forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from core.errors import ModelError
+from models.adapters import ArchitectureAdapter
+
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+
+
+class PrefixCache:
+    """A minimal stand-in for a transformers ``Cache`` handed to attention modules.
+
+    ``update`` prepends fixed prefix keys/values of a layer (``[batch heads prefix head_dim]``)
+    to the block's own, and records the block's own keys/values when ``record`` is set; it never
+    grows, so one object can serve many forward calls.
+    """
+
+    def __init__(self, prefix: dict[int, tuple[Tensor, Tensor]] | None = None, record: bool = False) -> None:
+        self.prefix = prefix or {}
+        self.record = record
+        self.keys: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = {}
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if self.record:
+            self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
+        if layer_idx not in self.prefix:
+            return key_states, value_states
+        prefix_keys, prefix_values = self.prefix[layer_idx]
+        return torch.cat([prefix_keys, key_states], dim=2), torch.cat([prefix_values, value_states], dim=2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if layer_idx not in self.prefix else self.prefix[layer_idx][0].shape[2]
+
+
+class BlockStack:
+    """The model's decoder blocks as callable steps (embed -> blocks l..L-1 -> final norm + unembed)."""
+
+    def __init__(self, model: nn.Module, adapter: ArchitectureAdapter) -> None:
+        self.model = model
+        self.adapter = adapter
+        implementation = getattr(model.config, "_attn_implementation", "eager") or "eager"
+        if implementation not in SUPPORTED_ATTENTION:
+            raise ModelError("model.attn_implementation", implementation, "block-level runs need an explicit attention mask",
+                             hint=f"use one of {', '.join(SUPPORTED_ATTENTION)}")
+        self.base = adapter.get_module(model, adapter.embed.rsplit(".", 1)[0])
+        self.embed = adapter.module(model, "embed")
+        self.blocks = [adapter.module(model, "block", layer) for layer in range(adapter.n_layers)]
+        self.final_norm = adapter.module(model, "final_norm")
+        self.unembed = adapter.get_module(model, adapter.unembed)
+
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    # -- inputs ------------------------------------------------------------------
+    def token_embeddings(self, input_ids: Tensor) -> Tensor:  # input_ids: [batch pos] -> [batch pos d_model]
+        """The ``hook_embed`` activation (token embeddings before any position embedding)."""
+        return self.embed(input_ids)
+
+    def block_input(self, token_embeds: Tensor, positions: Tensor) -> Tensor:  # [batch pos d_model]
+        """Residual stream entering block 0: adds learned position embeddings where the family has them."""
+        hidden = token_embeds
+        wpe = getattr(self.base, "wpe", None)
+        if wpe is not None:
+            hidden = hidden + wpe(positions)[None].to(hidden.dtype)
+        drop = getattr(self.base, "drop", None)
+        return drop(hidden) if drop is not None else hidden
+
+    def position_kwargs(self, positions: Tensor, n_prefix: int) -> dict[str, Any]:
+        """Keyword arguments every block of one run shares: mask, position ids, rotary embeddings."""
+        position_ids = positions[None]  # [1 pos]
+        kwargs: dict[str, Any] = {"attention_mask": self.causal_mask(n_prefix, positions.shape[0]),
+                                  "position_ids": position_ids}
+        rotary = getattr(self.base, "rotary_emb", None)
+        if rotary is not None:
+            probe = torch.zeros(1, positions.shape[0], 1, dtype=self.dtype, device=self.device)
+            kwargs["position_embeddings"] = rotary(probe, position_ids)
+        return kwargs
+
+    def causal_mask(self, n_prefix: int, n_query: int) -> Tensor:  # [1 1 query prefix+query]
+        """Additive mask: query i (absolute position n_prefix + i) sees keys 0..n_prefix + i."""
+        keys = torch.arange(n_prefix + n_query, device=self.device)
+        queries = torch.arange(n_query, device=self.device) + n_prefix
+        allowed = keys[None, :] <= queries[:, None]
+        mask = torch.zeros(n_query, n_prefix + n_query, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        return mask[None, None]
+
+    # -- blocks and logits ---------------------------------------------------------
+    def run_block(self, layer: int, hidden: Tensor, kwargs: dict[str, Any], cache: PrefixCache | None = None) -> Tensor:
+        """One decoder block on ``hidden`` ([batch pos d_model]) with shared ``position_kwargs``."""
+        out = self.blocks[layer](hidden, cache=cache, use_cache=cache is not None, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def run(self, hidden: Tensor, positions: Tensor, start: int = 0, stop: int | None = None,
+            cache: PrefixCache | None = None) -> Tensor:
+        """Blocks ``start..stop-1`` on ``hidden`` at absolute ``positions`` (prefix keys/values from ``cache``)."""
+        stop = self.n_layers if stop is None else stop
+        kwargs = self.position_kwargs(positions, int(positions[0]))
+        for layer in range(start, stop):
+            hidden = self.run_block(layer, hidden, kwargs, cache)
+        return hidden
+
+    def logits(self, resid_final: Tensor) -> Tensor:  # [batch d_model] -> [batch vocab]
+        """Final norm and unembedding of the residual stream after the last block (one position)."""
+        return self.unembed(self.final_norm(resid_final))

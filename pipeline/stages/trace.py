@@ -1,0 +1,151 @@
+"""Stage ``trace``: causal tracing of the known facts from one perspective, aggregated by token role.
+
+A thin wrapper over ``tracing`` (a notebook calls the same functions): pick the first ``n_facts``
+facts the model knows, trace each (cached per model, perspective, fact and settings), aggregate
+AIE by token role with bootstrap intervals, draw the figures, and log tensors, table and images.
+
+Job dir: ``traces/case_<id>.{safetensors,json}``, ``aie.safetensors``, ``aie.jsonl``,
+``figures/*.{png,pdf}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from core.errors import ConfigError, DataError
+from core.io import atomic_save_tensors, atomic_write_jsonl
+from facts.knowledge import known_facts
+from facts.relations import load_relation_table
+from pipeline.stages.common import load_configured_facts, load_configured_model
+from tracing import TraceSettings, embedding_std, severed_key, trace_fact
+from tracing.aggregate import aggregate_aie
+from tracing.plots import plot_aie_curves, plot_role_heatmaps, plot_severed, plot_trace_grid
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TraceStageConfig:
+    name: str = "trace"
+    n_facts: Optional[int] = 100
+    kinds: list[str] = field(default_factory=lambda: ["hidden", "mlp", "attn"])
+    severed: bool = True
+    window: int = 10
+    samples: int = 10
+    noise: str = "gaussian"
+    noise_factor: float = 3.0
+    noise_scale: Optional[float] = None
+    answer: str = "predicted"
+    max_rows: Optional[int] = None
+    n_bootstrap: int = 1000
+    confidence: float = 0.95
+    plot_facts: int = 5
+    knowledge_batch_size: int = 64
+    progress: bool = True
+
+    def trace_settings(self, seed: int) -> TraceSettings:
+        if self.answer not in ("predicted", "true"):
+            raise ConfigError("stage.answer", self.answer, "unknown answer choice", hint="use predicted or true")
+        if self.n_facts is not None and self.n_facts < 1:
+            raise ConfigError("stage.n_facts", self.n_facts, "must be >= 1 or null", hint="null traces every known fact")
+        if not 0 < self.confidence < 1:
+            raise ConfigError("stage.confidence", self.confidence, "must be in (0, 1)", hint="e.g. 0.95")
+        return TraceSettings(kinds=tuple(self.kinds), severed=("mlp", "attn") if self.severed else (),
+                             window=self.window, samples=self.samples, noise=self.noise,
+                             noise_scale=self.noise_scale, noise_factor=self.noise_factor, seed=seed)
+
+
+def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
+    stage: TraceStageConfig = OmegaConf.to_object(cfg.stage)
+    settings = stage.trace_settings(int(cfg.seed))
+    perspective, relation_span = cfg.perspective.name, cfg.perspective.relation_span
+    cache_dir = cfg.paths.cache_dir
+    started = time.time()
+    loaded = load_configured_model(cfg)
+    facts = list(load_configured_facts(cfg))
+    known = known_facts(loaded, facts, cache_dir, stage.knowledge_batch_size)
+    chosen = known if stage.n_facts is None else known[: stage.n_facts]
+    if not chosen:
+        raise DataError("dataset", cfg.dataset.name, f"the model knows none of the {len(facts)} facts",
+                        hint="check the model, or use another dataset")
+    if settings.noise_scale is None:
+        std = embedding_std(loaded, [fact.subject for fact in facts], cache_dir)
+        settings = settings.with_scale(settings.noise_factor * std)
+    relations = load_relation_table()
+
+    results, skipped, paths = [], [], []
+    traced = time.time()
+    for fact in tqdm(chosen, desc=f"trace {perspective}", disable=not stage.progress):
+        try:
+            result = trace_fact(loaded, fact, perspective, relation_span=relation_span, answer=stage.answer,
+                                settings=settings, relation=relations.get(fact.relation_id or ""),
+                                cache_dir=cache_dir, max_rows=stage.max_rows)
+        except DataError as err:
+            log.warning("skipping case %s: %s", fact.case_id, err)
+            skipped.append({"case_id": fact.case_id, "error": str(err)})
+            continue
+        results.append(result)
+        paths += result.save(job_dir / "traces", stem=f"case_{fact.case_id}")
+    trace_seconds = time.time() - traced
+    if not results:
+        raise DataError("facts", len(chosen), "every fact failed to trace", hint=skipped[0]["error"] if skipped else "")
+
+    aggregates = {name: aggregate_aie(results, name, stage.n_bootstrap, stage.confidence, int(cfg.seed))
+                  for name in settings.score_names}
+    rows = [row for agg in aggregates.values() for row in agg.rows()]
+    aie_path = atomic_save_tensors(job_dir / "aie.safetensors", {k: v for agg in aggregates.values() for k, v in agg.tensors().items()})
+    atomic_write_jsonl(job_dir / "aie.jsonl", rows)
+    figures = _figures(results, aggregates, settings, job_dir / "figures", stage.plot_facts)
+
+    logger.log_artifact(f"trace-{perspective}", paths + [aie_path], "traces")
+    logger.log_table(f"trace/{perspective}/aie", rows)
+    for figure in figures:
+        logger.log_image(f"trace/{perspective}/{figure.stem}", figure)
+    summary = {
+        "model": loaded.identity["name"], "perspective": perspective, "relation_span": relation_span,
+        "n_facts": len(facts), "n_known": len(known), "n_traced": len(results), "skipped": skipped,
+        "noise_scale": settings.noise_scale, "settings": settings.key(),
+        "p_clean": sum(r.p_clean for r in results) / len(results),
+        "p_corrupted": sum(r.p_corrupted for r in results) / len(results),
+        "seconds": round(time.time() - started, 2), "seconds_per_fact": round(trace_seconds / len(results), 2),
+        "peaks": {name: _peaks(agg) for name, agg in aggregates.items()},
+    }
+    logger.log_scalars({f"trace/{perspective}/p_clean": summary["p_clean"],
+                        f"trace/{perspective}/p_corrupted": summary["p_corrupted"],
+                        f"trace/{perspective}/n_traced": len(results)})
+    return summary
+
+
+def _peaks(agg) -> dict:
+    """Largest AIE per role and the layer where it occurs (a compact summary for results.json)."""
+    out = {}
+    for r, role in enumerate(agg.roles):
+        if int(agg.tokens[r]) == 0:
+            continue
+        layer = int(agg.mean[r].argmax())
+        out[role] = {"layer": layer, "aie": round(float(agg.mean[r, layer]), 5)}
+    return out
+
+
+def _figures(results, aggregates, settings: TraceSettings, directory: Path, plot_facts: int) -> list[Path]:
+    figures = []
+    for result in results[:plot_facts]:
+        plot_trace_grid(result, directory / f"case_{result.case_id}")
+        figures.append(directory / f"case_{result.case_id}.png")
+    kinds = [aggregates[k] for k in settings.kinds]
+    if kinds:
+        plot_role_heatmaps(kinds, directory / "aie_roles")
+        plot_aie_curves(kinds, directory / "aie_curves")
+        figures += [directory / "aie_roles.png", directory / "aie_curves.png"]
+    if settings.severed:
+        plot_severed({n: aggregates[n] for n in ("hidden", *map(severed_key, settings.severed)) if n in aggregates},
+                     path=directory / "severed")
+        figures.append(directory / "severed.png")
+    return figures

@@ -1,0 +1,66 @@
+"""The edit and summarize stages end to end on a tiny model (in-process, a few cases)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from core.io import read_json, read_jsonl
+from pipeline.jobs import run_job
+
+FAST = ["model=tiny_gpt2", "dataset=counterfact", "logger=none", "editor.layers=[1]", "editor.stats.n_samples=40",
+        "editor.stats.max_tokens=48", "editor.v_num_grad_steps=2", "editor.context_template_lengths=[[3,2]]",
+        "stage.n_cases=2", "stage.n_resamples=20", "stage.progress=false"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("editor", ["rome", "memit"])
+def test_every_editor_config_composes_and_typos_fail(compose_config, editor):
+    from omegaconf import OmegaConf
+
+    cfg = compose_config(f"editor={editor}", "editor.layers=[1]", "model=tiny_gpt2")
+    config = OmegaConf.to_object(cfg.editor)
+    assert config.name == editor and config.v_lr == 0.5 and config.stats.corpus == "wikitext2"
+    with pytest.raises(Exception):
+        compose_config(f"editor={editor}", "editor.v_lrr=0.1")
+
+
+def test_edit_stage_both_perspectives_and_summary(compose_config, tmp_path):
+    root = tmp_path / "sweep"
+    for editor, perspective in (("rome", "entity"), ("memit", "relation")):
+        cfg = compose_config("stage=edit", f"editor={editor}", f"perspective={perspective}", *FAST)
+        job = root / f"editor={editor},perspective={perspective}"
+        results = run_job(cfg, job)["results"]
+        assert results["editor"] == editor and results["perspective"] == perspective and results["n_cases"] == 2
+        rows = read_jsonl(job / "cases.jsonl")
+        assert len(rows) == 2 and {"pre", "post", "edit"} <= set(rows[0])
+        assert rows[0]["pre"]["entity.reliability"] is not None and "relation.reliability" in rows[0]["post"]
+        assert (job / "table.md").read_text().count("post") >= 1
+        aggregates = read_json(job / "aggregates.json")
+        assert aggregates["editor"] == editor and aggregates["rows"]
+    cfg = compose_config("stage=summarize", f"stage.sweep_dir={root}", "logger=none")
+    summary = run_job(cfg, tmp_path / "summary")["results"]
+    assert len(summary["jobs"]) == 2
+    table = (tmp_path / "summary" / "summary.md").read_text()
+    assert "| rome | entity | entity | reliability |" in table.replace("tiny_gpt2 ", "").replace("| tiny_gpt2", "")
+    assert "99.93" in table and "91.36" in table
+    csv = (tmp_path / "summary" / "summary.csv").read_text().splitlines()
+    assert csv[0].startswith("job,model,editor,perspective") and len(csv) > 10
+    json.dumps(summary)
+
+
+def test_edit_stage_refuses_the_none_editor(compose_config, tmp_path):
+    from core.errors import ConfigError
+
+    cfg = compose_config("stage=edit", "editor=none", "model=tiny_gpt2", "dataset=counterfact", "logger=none")
+    with pytest.raises(ConfigError, match="editor"):
+        run_job(cfg, tmp_path / "job")

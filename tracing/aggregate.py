@@ -1,0 +1,109 @@
+"""Average indirect effect (AIE) by token role and layer, with bootstrap confidence intervals.
+
+As in ROME's figure code, a role's AIE is the mean over every token of that role in every fact
+(tokens of the middle / further roles each count once), so a fact with a long subject weighs
+more in the middle role. Confidence intervals resample facts (not tokens) with replacement.
+Pure functions over ``TraceResult`` tables: no model, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from einops import einsum
+from torch import Tensor
+
+from core.errors import DataError
+from metrics.aggregate import bootstrap_indices
+from tracing.result import TraceResult
+from tracing.spans import ROLES
+
+
+@dataclass
+class RoleAIE:
+    """AIE of one score name: ``mean``, ``low``, ``high`` are ``[role layer]`` (NaN where a role is empty)."""
+
+    name: str
+    perspective: str
+    mean: Tensor
+    low: Tensor
+    high: Tensor
+    tokens: Tensor  # [role]: how many (fact, token) pairs each role averages over
+    n_facts: int
+    p_clean: float  # mean over facts
+    p_corrupted: float
+    confidence: float
+    roles: tuple[str, ...] = ROLES
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Long format for tables (W&B, CSV): one row per (role, layer)."""
+        out = []
+        for r, role in enumerate(self.roles):
+            for layer in range(self.mean.shape[1]):
+                out.append({"name": self.name, "perspective": self.perspective, "role": role, "layer": layer,
+                            "aie": float(self.mean[r, layer]), "low": float(self.low[r, layer]),
+                            "high": float(self.high[r, layer]), "tokens": int(self.tokens[r]), "n_facts": self.n_facts})
+        return out
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {f"{self.name}.{key}": value for key, value in
+                (("mean", self.mean), ("low", self.low), ("high", self.high), ("tokens", self.tokens.float()))}
+
+
+def role_sums(result: TraceResult, name: str) -> tuple[Tensor, Tensor]:
+    """Per-role sums of AIE over the role's tokens ``[role layer]`` and the token counts ``[role]``."""
+    aie = result.aie(name).double()  # [pos layer]
+    roles = result.roles()
+    sums = torch.zeros(len(ROLES), aie.shape[1], dtype=torch.float64)
+    counts = torch.zeros(len(ROLES), dtype=torch.float64)
+    for r, role in enumerate(ROLES):
+        positions = roles[role]
+        if positions:
+            sums[r] = aie[positions].sum(dim=0)
+            counts[r] = len(positions)
+    return sums, counts
+
+
+def bootstrap_ratio(sums: Tensor, counts: Tensor, n_bootstrap: int = 1000, confidence: float = 0.95,
+                    seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Ratio of sums ``sums.sum(0) / counts.sum(0)`` and its percentile bootstrap interval over facts.
+
+    ``sums``: [fact role layer], ``counts``: [fact role]. Returns (mean, low, high), each [role layer];
+    NaN where a role has no tokens. With one fact the interval collapses onto the mean.
+    """
+    n_facts = sums.shape[0]
+    if n_facts == 0:
+        raise DataError("facts", 0, "no traces to aggregate", hint="trace at least one known fact")
+    total = counts.sum(0)[:, None]  # [role 1]
+    mean = torch.where(total > 0, sums.sum(0) / total.clamp(min=1), torch.nan)
+    draws = torch.from_numpy(bootstrap_indices(n_facts, n_bootstrap, seed))  # [boot fact]
+    weights = torch.zeros(n_bootstrap, n_facts, dtype=sums.dtype).scatter_add_(
+        1, draws, torch.ones(n_bootstrap, n_facts, dtype=sums.dtype))  # [boot fact]: times each fact was drawn
+    boot_sums = einsum(weights, sums, "boot fact, fact role layer -> boot role layer")
+    boot_counts = einsum(weights, counts, "boot fact, fact role -> boot role")[..., None]
+    ratios = torch.where(boot_counts > 0, boot_sums / boot_counts.clamp(min=1), torch.nan)
+    alpha = (1 - confidence) / 2
+    low = torch.nanquantile(ratios, alpha, dim=0)
+    high = torch.nanquantile(ratios, 1 - alpha, dim=0)
+    return mean, low, high
+
+
+def aggregate_aie(results: Sequence[TraceResult], name: str = "hidden", n_bootstrap: int = 1000,
+                  confidence: float = 0.95, seed: int = 0) -> RoleAIE:
+    """AIE per (role, layer) over ``results`` (the facts the model knows) for one score name."""
+    results = [r for r in results if name in r.scores]
+    if not results:
+        raise DataError("trace.kinds", name, "no trace has this score", hint="include it in the trace's kinds / severed")
+    perspectives = {r.perspective for r in results}
+    if len(perspectives) > 1:
+        raise DataError("perspective", sorted(perspectives), "traces of both perspectives mixed", hint="aggregate each perspective apart")
+    pairs = [role_sums(r, name) for r in results]
+    sums = torch.stack([s for s, _ in pairs])
+    counts = torch.stack([c for _, c in pairs])
+    mean, low, high = bootstrap_ratio(sums, counts, n_bootstrap, confidence, seed)
+    return RoleAIE(name=name, perspective=perspectives.pop(), mean=mean.float(), low=low.float(), high=high.float(),
+                   tokens=counts.sum(0).long(), n_facts=len(results),
+                   p_clean=float(sum(r.p_clean for r in results) / len(results)),
+                   p_corrupted=float(sum(r.p_corrupted for r in results) / len(results)), confidence=confidence)

@@ -1,0 +1,137 @@
+"""seaborn figures (PNG and PDF): per-fact heatmaps like ROME's, role x layer AIE, AIE curves, severed traces.
+
+Figures are built with ``matplotlib.figure.Figure`` (no pyplot state), so plotting is safe in
+workers and notebooks alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from tracing.aggregate import RoleAIE
+from tracing.result import TraceResult
+from tracing.settings import severed_key
+from tracing.spans import ROLE_LABELS
+
+CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
+LABELS = {"hidden": "single restored layer", "mlp": "center of {w} restored MLP layers",
+          "attn": "center of {w} restored attention layers", "hidden_severed_mlp": "restored layer, later MLPs severed",
+          "hidden_severed_attn": "restored layer, later attention severed"}
+SEVERED_LABELS = {"hidden": "no severing", "hidden_severed_mlp": "MLP severed", "hidden_severed_attn": "attention severed"}
+
+
+def save_figure(fig: Figure, path: str | Path) -> list[Path]:
+    """Write ``<path>.png`` and ``<path>.pdf`` (the suffix of ``path`` is ignored)."""
+    base = Path(path)
+    base = base.with_suffix("") if base.suffix in (".png", ".pdf") else base
+    base.parent.mkdir(parents=True, exist_ok=True)
+    out = []
+    for suffix in (".png", ".pdf"):
+        target = base.parent / (base.name + suffix)
+        tmp = target.with_name(f".tmp-{target.name}")
+        fig.savefig(tmp, dpi=150, bbox_inches="tight", format=suffix[1:])
+        tmp.replace(target)
+        out.append(target)
+    return out
+
+
+def _cmap(name: str) -> str:
+    return CMAPS.get(name.split("_")[0], "Purples")
+
+
+def plot_trace(result: TraceResult, name: str = "hidden", path: str | Path | None = None, ax=None):
+    """One fact's [token x layer] table; corrupted tokens are starred; colours start at the corrupted p."""
+    fig = None
+    if ax is None:
+        fig = Figure(figsize=(max(4.0, result.n_layers * 0.16 + 2), max(2.5, result.n_tokens * 0.3 + 1)))
+        ax = fig.add_subplot()
+    corrupted = set(result.corrupted)
+    labels = [repr(tok)[1:-1] + ("*" if i in corrupted else "") for i, tok in enumerate(result.tokens)]
+    data = result.scores[name].float().numpy()
+    sns.heatmap(data, ax=ax, cmap=_cmap(name), vmin=min(result.p_corrupted, float(np.nanmin(data))),
+                yticklabels=labels, xticklabels=max(1, result.n_layers // 8),
+                cbar_kws={"label": f"p({result.answer.strip()})"})
+    ax.set_xlabel(LABELS.get(name, name).format(w=result.settings.window))
+    ax.set_title(f"{name}: p clean {result.p_clean:.3f}, corrupted {result.p_corrupted:.3f} ({result.perspective})", fontsize=9)
+    ax.tick_params(axis="y", labelsize=8, rotation=0)
+    if fig is not None and path is not None:
+        save_figure(fig, path)
+    return fig if fig is not None else ax
+
+
+def plot_trace_grid(result: TraceResult, path: str | Path | None = None) -> Figure:
+    """All score tables of one fact side by side."""
+    names = sorted(result.scores, key=lambda n: (n.startswith("hidden_severed"), n != "hidden", n))
+    fig = Figure(figsize=(4.2 * len(names), max(2.5, result.n_tokens * 0.3 + 1)))
+    for i, name in enumerate(names):
+        plot_trace(result, name, ax=fig.add_subplot(1, len(names), i + 1))
+    fig.suptitle(result.prompt, fontsize=10)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def plot_role_heatmaps(aggregates: Sequence[RoleAIE], path: str | Path | None = None) -> Figure:
+    """Role x layer AIE heatmaps, one panel per score name (hidden / MLP / attention)."""
+    fig = Figure(figsize=(5.0 * len(aggregates), 3.2))
+    for i, agg in enumerate(aggregates):
+        ax = fig.add_subplot(1, len(aggregates), i + 1)
+        labels = [ROLE_LABELS[agg.perspective][r] for r in agg.roles]
+        sns.heatmap(agg.mean.numpy(), ax=ax, cmap=_cmap(agg.name), yticklabels=labels,
+                    xticklabels=max(1, agg.mean.shape[1] // 8), cbar_kws={"label": "AIE"})
+        ax.set_title(f"{agg.name} ({agg.perspective}, {agg.n_facts} facts)", fontsize=9)
+        ax.set_xlabel("layer")
+        ax.tick_params(axis="y", labelsize=8, rotation=0)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def plot_aie_curves(aggregates: Sequence[RoleAIE], path: str | Path | None = None) -> Figure:
+    """Per-layer AIE curves per role with bootstrap bands, one panel per score name."""
+    fig = Figure(figsize=(5.0 * len(aggregates), 3.4))
+    palette = sns.color_palette("colorblind", n_colors=len(aggregates[0].roles))
+    for i, agg in enumerate(aggregates):
+        ax = fig.add_subplot(1, len(aggregates), i + 1)
+        layers = np.arange(agg.mean.shape[1])
+        for r, role in enumerate(agg.roles):
+            if agg.tokens[r] == 0:
+                continue
+            ax.plot(layers, agg.mean[r].numpy(), color=palette[r], label=ROLE_LABELS[agg.perspective][role])
+            ax.fill_between(layers, agg.low[r].numpy(), agg.high[r].numpy(), color=palette[r], alpha=0.2, linewidth=0)
+        ax.set_title(f"{agg.name} ({agg.perspective}, {int(agg.confidence * 100)}% CI)", fontsize=9)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("AIE")
+    fig.axes[-1].legend(fontsize=7, loc="best")
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def plot_severed(aggregates: Mapping[str, RoleAIE], role: str = "last_corrupted", path: str | Path | None = None) -> Figure:
+    """AIE of hidden-state restoration with nothing / MLP / attention severed, per layer at one role."""
+    fig = Figure(figsize=(6.0, 3.4))
+    ax = fig.add_subplot()
+    names = [n for n in ("hidden", severed_key("mlp"), severed_key("attn")) if n in aggregates]
+    colors = {"hidden": "tab:purple", severed_key("mlp"): "tab:green", severed_key("attn"): "tab:red"}
+    r = None
+    for name in names:
+        agg = aggregates[name]
+        r = agg.roles.index(role)
+        layers = np.arange(agg.mean.shape[1])
+        ax.plot(layers, agg.mean[r].numpy(), color=colors[name], label=SEVERED_LABELS[name])
+        ax.fill_between(layers, agg.low[r].numpy(), agg.high[r].numpy(), color=colors[name], alpha=0.2, linewidth=0)
+    if names:
+        agg = aggregates[names[0]]
+        ax.set_title(f"severed traces at the {ROLE_LABELS[agg.perspective][role]} ({agg.n_facts} facts)", fontsize=9)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("AIE")
+    ax.legend(fontsize=8)
+    if path is not None:
+        save_figure(fig, path)
+    return fig

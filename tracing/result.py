@@ -1,0 +1,103 @@
+"""One fact's trace: probabilities, the [tokens x layers] tables, and how to save, load and plot them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from torch import Tensor
+
+from core.errors import CacheError
+from core.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from tracing.settings import FORMAT_VERSION, TraceSettings
+from tracing.spans import Span, contiguous_spans, token_roles
+
+
+@dataclass
+class TraceResult:
+    """Restored p(answer) per (token, layer) for each score name (``hidden``, ``mlp``, ``attn``,
+    ``hidden_severed_mlp``, ``hidden_severed_attn``), plus everything needed to read them.
+
+    ``corrupted`` are token positions; ``char_spans`` the char spans they came from.
+    """
+
+    prompt: str
+    tokens: list[str]
+    token_ids: list[int]
+    corrupted: list[int]
+    char_spans: list[Span]
+    perspective: str
+    answer: str
+    answer_id: int
+    p_clean: float
+    p_corrupted: float
+    scores: dict[str, Tensor]
+    settings: TraceSettings
+    subject: Optional[str] = None
+    case_id: Optional[int] = None
+    model: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def n_layers(self) -> int:
+        return int(next(iter(self.scores.values())).shape[1])
+
+    @property
+    def spans(self) -> list[Span]:
+        """Corrupted token positions as half-open token spans (several for relation templates)."""
+        return contiguous_spans(self.corrupted)
+
+    def aie(self, name: str = "hidden") -> Tensor:  # [pos layer]
+        """Indirect effect of each restoration: restored p minus corrupted p."""
+        return self.scores[name] - self.p_corrupted
+
+    def roles(self) -> dict[str, list[int]]:
+        return token_roles(self.n_tokens, self.corrupted)
+
+    # -- persistence ---------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION, "prompt": self.prompt, "tokens": self.tokens, "token_ids": self.token_ids,
+            "corrupted": self.corrupted, "spans": self.spans, "char_spans": [list(s) for s in self.char_spans],
+            "perspective": self.perspective, "answer": self.answer, "answer_id": self.answer_id,
+            "p_clean": self.p_clean, "p_corrupted": self.p_corrupted, "score_names": sorted(self.scores),
+            "settings": self.settings.key(), "subject": self.subject, "case_id": self.case_id, "model": self.model,
+            "seconds": self.seconds,
+        }
+
+    def save(self, directory: str | Path, stem: str = "trace") -> list[Path]:
+        """Write ``<stem>.safetensors`` (the tables) and ``<stem>.json`` (the rest), atomically."""
+        directory = Path(directory)
+        tensors = atomic_save_tensors(directory / f"{stem}.safetensors", {k: v.float() for k, v in self.scores.items()})
+        meta = atomic_write_json(directory / f"{stem}.json", self.metadata())
+        return [tensors, meta]
+
+    @classmethod
+    def load(cls, directory: str | Path, stem: str = "trace") -> "TraceResult":
+        directory = Path(directory)
+        meta_path, tensor_path = directory / f"{stem}.json", directory / f"{stem}.safetensors"
+        if not meta_path.exists() or not tensor_path.exists():
+            raise CacheError("trace", str(directory / stem), "trace files missing", hint="run the trace again")
+        meta = read_json(meta_path)
+        if meta.get("format") != FORMAT_VERSION:
+            raise CacheError("trace.format", meta.get("format"), f"expected format {FORMAT_VERSION}", hint="rerun with force=true")
+        settings = {k: v for k, v in meta["settings"].items() if k != "format"}
+        return cls(
+            prompt=meta["prompt"], tokens=meta["tokens"], token_ids=meta["token_ids"], corrupted=meta["corrupted"],
+            char_spans=[tuple(s) for s in meta["char_spans"]], perspective=meta["perspective"], answer=meta["answer"],
+            answer_id=meta["answer_id"], p_clean=meta["p_clean"], p_corrupted=meta["p_corrupted"],
+            scores=load_tensors(tensor_path), settings=TraceSettings(**settings), subject=meta["subject"],
+            case_id=meta["case_id"], model=meta["model"], seconds=meta.get("seconds", 0.0),
+        )
+
+    # -- figures ---------------------------------------------------------------------
+    def plot(self, name: str = "hidden", path: str | Path | None = None, ax=None):
+        """ROME-style heatmap of one score table; saved as PNG and PDF when ``path`` is given."""
+        from tracing.plots import plot_trace
+
+        return plot_trace(self, name, path=path, ax=ax)

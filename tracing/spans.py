@@ -1,0 +1,93 @@
+"""Which prompt tokens to corrupt, and the token roles that aggregation groups by.
+
+Char spans (half-open, from ``facts.perspectives.corrupted_char_spans`` or given by hand) become
+token positions through the tokenizer's offset mapping. A token belongs to a char span when its
+text without leading whitespace overlaps the span: BPE tokens such as " Dan" carry the space that
+precedes a word, and that space must not make the subject's first token part of the relation.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from core.errors import DataError
+
+Span = tuple[int, int]
+
+ROLES = ("first_corrupted", "middle_corrupted", "last_corrupted", "first_subsequent", "further", "last")
+ROLE_LABELS = {
+    "entity": {"first_corrupted": "first subject token", "middle_corrupted": "middle subject tokens",
+               "last_corrupted": "last subject token", "first_subsequent": "first subsequent token",
+               "further": "further tokens", "last": "last token"},
+    "relation": {"first_corrupted": "first relation token", "middle_corrupted": "middle relation tokens",
+                 "last_corrupted": "last relation token", "first_subsequent": "first subsequent token",
+                 "further": "further tokens", "last": "last token"},
+}
+
+
+def token_positions(text: str, offsets: Sequence[tuple[int, int]], char_spans: Sequence[Span]) -> list[int]:
+    """Sorted token positions whose (leading-whitespace-trimmed) text overlaps any char span."""
+    positions = []
+    for index, (start, end) in enumerate(offsets):
+        if end <= start:  # special tokens (BOS) have empty offsets and are never corrupted
+            continue
+        core = start
+        while core < end and text[core].isspace():
+            core += 1
+        if core == end:
+            core = start
+        if any(core < span_end and end > span_start for span_start, span_end in char_spans):
+            positions.append(index)
+    return positions
+
+
+def contiguous_spans(positions: Sequence[int]) -> list[Span]:
+    """``[2, 3, 4, 7]`` -> ``[(2, 5), (7, 8)]`` (half-open token spans)."""
+    spans: list[Span] = []
+    for position in sorted(positions):
+        if spans and spans[-1][1] == position:
+            spans[-1] = (spans[-1][0], position + 1)
+        else:
+            spans.append((position, position + 1))
+    return spans
+
+
+def corrupted_positions(tokenizer, prompt: str, char_spans: Sequence[Span], case_id=None) -> tuple[list[int], list[int]]:
+    """Tokenize ``prompt`` and map ``char_spans`` to token positions; returns (token ids, positions)."""
+    for start, end in char_spans:
+        if not 0 <= start < end <= len(prompt):
+            raise DataError("char_span", (start, end), f"not a non-empty span of the {len(prompt)}-char prompt",
+                            hint="spans are half-open (start, end) char offsets into the prompt", case_id=case_id)
+    encoded = tokenizer(prompt, return_offsets_mapping=True)
+    positions = token_positions(prompt, encoded["offset_mapping"], char_spans)
+    if not positions:
+        raise DataError("char_spans", list(char_spans), f"no token of {prompt!r} lies in the spans",
+                        hint="check the subject / relation spans of this fact", case_id=case_id)
+    return list(encoded["input_ids"]), positions
+
+
+def subject_char_span(prompt: str, subject: str) -> Span:
+    """Char span of the first occurrence of ``subject`` in ``prompt``."""
+    start = prompt.find(subject)
+    if start < 0:
+        raise DataError("subject", subject, f"not found in the prompt {prompt!r}", hint="pass the subject exactly as it appears")
+    return start, start + len(subject)
+
+
+def token_roles(n_tokens: int, positions: Sequence[int]) -> dict[str, list[int]]:
+    """ROME's token groups over the corrupted span (roles may overlap, as in ROME's figure code).
+
+    first/middle/last corrupted token; the first token after the last corrupted one; further
+    tokens up to (not including) the last; the last token. Tokens before the span are in no role.
+    """
+    ordered = sorted(positions)
+    first, last_corrupted, last = ordered[0], ordered[-1], n_tokens - 1
+    subsequent = last_corrupted + 1
+    return {
+        "first_corrupted": [first],
+        "middle_corrupted": [p for p in ordered if first < p < last_corrupted],
+        "last_corrupted": [last_corrupted],
+        "first_subsequent": [subsequent] if subsequent <= last else [],
+        "further": list(range(subsequent + 1, last)),
+        "last": [last],
+    }
