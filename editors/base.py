@@ -123,6 +123,24 @@ class Editor(ABC):
             raise
         return EditResult(loaded.model, deltas, originals, infos, time.time() - started)
 
+    def apply_read_only(self, loaded: LoadedModel, requests: Sequence[EditRequest]) -> EditResult:
+        """``apply`` for editors whose ``compute`` only reads the weights (KN, MEND).
+
+        The deltas are computed first, so only the parameters they change are snapshotted (not
+        every candidate layer, which would copy gigabytes on GPT-2 XL for KN's all-layer search).
+        """
+        requests = check_requests(requests)
+        self.config.validate(loaded.adapter.n_layers)
+        started = time.time()
+        deltas, infos = self.compute(loaded, requests)
+        originals = snapshot(loaded.model, deltas.names())
+        try:
+            add_in_place(loaded.model, deltas)
+        except BaseException:
+            restore(loaded.model, originals)
+            raise
+        return EditResult(loaded.model, deltas, originals, infos, time.time() - started)
+
     @abstractmethod
     def compute(self, loaded: LoadedModel, requests: list[EditRequest]) -> tuple[WeightDeltas, list[dict[str, Any]]]:
         """The deltas of ``requests`` (may change the weights meanwhile; ``apply`` restores them)."""

@@ -29,7 +29,6 @@ always uses it; knowledge-neurons' edit mode subtracts the prediction).
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -40,9 +39,9 @@ from torch import Tensor
 
 from core.errors import ConfigError
 from editors.base import EditResult, Editor
-from editors.deltas import WeightDeltas, add_in_place, restore, snapshot
+from editors.deltas import WeightDeltas
 from editors.ft import check_choice
-from editors.requests import EditRequest, check_requests
+from editors.requests import EditRequest
 from editors.templates import context_templates
 from models.blocks import BlockStack, PrefixCache
 from models.hooks import Hooks, recorder
@@ -207,17 +206,7 @@ class Kn(Editor):
 
     def apply(self, loaded: LoadedModel, requests: Sequence[EditRequest]) -> EditResult:
         """Attribution never changes the weights, so only the edited projections are snapshotted."""
-        requests = check_requests(requests)
-        self.config.validate(loaded.adapter.n_layers)
-        started = time.time()
-        deltas, infos = self.compute(loaded, requests)
-        originals = snapshot(loaded.model, deltas.names())
-        try:
-            add_in_place(loaded.model, deltas)
-        except BaseException:
-            restore(loaded.model, originals)
-            raise
-        return EditResult(loaded.model, deltas, originals, infos, time.time() - started)
+        return self.apply_read_only(loaded, requests)
 
     def old_target(self, loaded: LoadedModel, request: EditRequest, prompt: str) -> tuple[str | None, list[int]]:
         """The old target's text (None when predicted) and its token ids."""

@@ -9,7 +9,6 @@ MEND edits the sentence add_rel_prompt + " " + relation phrase in the relation p
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -17,12 +16,12 @@ import torch
 
 from core.errors import ConfigError
 from editors.base import EditResult, Editor
-from editors.deltas import WeightDeltas, add_in_place, restore, snapshot
+from editors.deltas import WeightDeltas
 from editors.ft import REWRITE_CHOICES, check_choice, rewrite_pairs, target_batch
 from editors.mend.checkpoint import find_checkpoint, load_checkpoint
 from editors.mend.factors import gradient_factors, projection_names
 from editors.mend.network import MendNetwork, NetworkConfig
-from editors.requests import EditRequest, check_requests
+from editors.requests import EditRequest
 from models.load import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -72,17 +71,7 @@ class Mend(Editor):
 
     def apply(self, loaded: LoadedModel, requests: Sequence[EditRequest]) -> EditResult:
         """As ``Editor.apply``, with the edited layers taken from the checkpoint."""
-        requests = check_requests(requests)
-        self.config.validate(loaded.adapter.n_layers)
-        started = time.time()
-        deltas, infos = self.compute(loaded, requests)  # reads the weights, never writes them
-        originals = snapshot(loaded.model, deltas.names())
-        try:
-            add_in_place(loaded.model, deltas)
-        except BaseException:
-            restore(loaded.model, originals)
-            raise
-        return EditResult(loaded.model, deltas, originals, infos, time.time() - started)
+        return self.apply_read_only(loaded, requests)
 
     def compute(self, loaded: LoadedModel, requests: list[EditRequest]) -> tuple[WeightDeltas, list[dict[str, Any]]]:
         network = self.network(loaded)
