@@ -85,5 +85,5 @@ class Mend(Editor):
         names = projection_names(loaded, layers)
         info = {"inner_loss": inner_loss, "tokens": int(next(iter(factors.values()))[0].shape[0]),
                 "update_norms": {str(layer): float(updates[layer].norm()) for layer in layers},
-                "edit_lrs": [float(x) for x in network.edit_lrs], "parameters": [names[layer] for layer in layers]}
+                "edit_lrs": [float(x.detach()) for x in network.edit_lrs], "parameters": [names[layer] for layer in layers]}
         return deltas, [{"case_id": r.case_id, "request": r.describe(), **info} for r in requests]
