@@ -78,10 +78,10 @@ def plot_trace_grid(result: TraceResult, path: str | Path | None = None) -> Figu
 
 def plot_role_heatmaps(aggregates: Sequence[RoleAIE], path: str | Path | None = None) -> Figure:
     """Role x layer AIE heatmaps, one panel per score name (hidden / MLP / attention)."""
-    fig = Figure(figsize=(5.0 * len(aggregates), 3.2))
+    fig = Figure(figsize=(4.2 * len(aggregates) + 1.5, 3.2), layout="constrained")
     for i, agg in enumerate(aggregates):
         ax = fig.add_subplot(1, len(aggregates), i + 1)
-        labels = [ROLE_LABELS[agg.perspective][r] for r in agg.roles]
+        labels = [ROLE_LABELS[agg.perspective][r] for r in agg.roles] if i == 0 else False  # shared rows
         sns.heatmap(agg.mean.numpy(), ax=ax, cmap=_cmap(agg.name), yticklabels=labels,
                     xticklabels=max(1, agg.mean.shape[1] // 8), cbar_kws={"label": "AIE"})
         ax.set_title(f"{agg.name} ({agg.perspective}, {agg.n_facts} facts)", fontsize=9)
