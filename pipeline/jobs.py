@@ -2,13 +2,15 @@
 
 A job dir holds ``config.yaml`` (resolved), ``status.json`` (running -> done | failed, with the
 error's class/key/value/hint) and, last of all, ``results.json``: the done-marker. A job whose
-``results.json`` exists is skipped unless ``force=true``.
+``results.json`` exists is skipped unless ``force=true``. A stage may keep finished parts of an
+unfinished job in ``progress/`` (resumed on rerun, cleared by ``force=true``, removed once done).
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -24,6 +26,8 @@ log = logging.getLogger(__name__)
 
 RESULTS = "results.json"
 STATUS = "status.json"
+# Partial work of an unfinished job (stages that can resume mid-way write here); gone once done.
+PROGRESS = "progress"
 
 StageFn = Callable[[DictConfig, Path, Any], dict]
 
@@ -54,7 +58,10 @@ def run_job(cfg: DictConfig, job_dir: Path, job_name: str = "defaults") -> dict:
         return read_json(job_dir / RESULTS)
     if is_done(job_dir):
         (job_dir / RESULTS).unlink()
-    for stale in job_dir.glob(".tmp-*"):  # left by a killed run; never read, so just clear them
+    if cfg.get("force", False):
+        for partial in [p for p in job_dir.rglob(PROGRESS) if p.is_dir()]:
+            shutil.rmtree(partial)
+    for stale in job_dir.rglob(".tmp-*"):  # left by a killed run; never read, so just clear them
         stale.unlink()
     stage = cfg.stage.name
     atomic_write_text(job_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -67,6 +74,7 @@ def run_job(cfg: DictConfig, job_dir: Path, job_name: str = "defaults") -> dict:
         results = stage_function(stage)(cfg, job_dir, logger)
         payload = {"stage": stage, "job": job_name, "seconds": round(time.time() - started, 3), "results": results}
         atomic_write_json(job_dir / RESULTS, payload)
+        shutil.rmtree(job_dir / PROGRESS, ignore_errors=True)
         atomic_write_json(job_dir / STATUS, {"status": "done", "stage": stage, "started": started, "finished": time.time()})
         failed = False
         return payload

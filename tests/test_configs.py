@@ -54,3 +54,14 @@ def test_job_dirs_are_deterministic(compose_config):
     cfg = compose_config("model=tiny_gpt2", "force=true", return_hydra_config=True)
     assert "${now:" not in OmegaConf.to_yaml(cfg.hydra.sweep, resolve=False)
     assert "force" in cfg.hydra.job.config.override_dirname.exclude_keys
+
+
+def test_long_override_lists_get_short_distinct_dirnames():
+    from pipeline.config import MAX_DIRNAME, dirname_from_overrides
+
+    long_a = ",".join(f"stage.trace.key{i}={i}" for i in range(40))
+    long_b = long_a.replace("key39=39", "key39=40")
+    a, b = dirname_from_overrides(long_a), dirname_from_overrides(long_b)
+    assert len(a) <= MAX_DIRNAME and len(b) <= MAX_DIRNAME and a != b
+    assert a == dirname_from_overrides(long_a), "deterministic, so a rerun finds the same job dir"
+    assert dirname_from_overrides("editor=rome,perspective=entity") == "editor=rome,perspective=entity"

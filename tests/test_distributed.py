@@ -56,3 +56,50 @@ def test_two_cpu_ranks_match_one_process():
 def test_bad_device_count():
     with pytest.raises(ConfigError, match="fabric.devices"):
         map_sharded(lambda items, device: items, [1], FabricConfig(devices=0))
+
+
+def _fresh_cache(path):
+    """A cache dir of its own (no traces yet) sharing only the converted tokenizer/model checkpoints."""
+    import os
+    from pathlib import Path
+
+    path.mkdir()
+    (path / "models").symlink_to(Path(os.environ.get("KLOC_CACHE_DIR", ".cache")).resolve() / "models")
+    return f"paths.cache_dir={path}"
+
+
+@pytest.mark.slow
+def test_trace_and_evaluate_stages_sharded_over_two_cpu_ranks_match_one(compose_config, tiny_gpt2, tmp_path):
+    """stage.fabric.devices=2 (two processes, a model replica each) writes the same AIE and rows as 1."""
+    import json
+
+    from helpers import write_known_user_facts
+    from pipeline.jobs import run_job
+
+    facts = tmp_path / "facts.jsonl"
+    write_known_user_facts(tiny_gpt2, facts, n=3)
+    trace = ["stage=trace", "model=tiny_gpt2", "dataset=user", f"dataset.path={facts}", "logger=none", "stage.samples=2",
+             "stage.window=2", "stage.n_bootstrap=50", "stage.plot_facts=0", "stage.progress=false", "stage.severed=false",
+             "stage.fabric.accelerator=cpu"]
+    evaluate = ["stage=evaluate", "model=tiny_gpt2", "dataset=counterfact", "logger=none", "stage.n_cases=5",
+                "stage.n_resamples=20", "stage.progress=false", "stage.fabric.accelerator=cpu"]
+    outputs = {}
+    for devices in (1, 2):
+        cache = _fresh_cache(tmp_path / f"cache{devices}")
+        summary = run_job(compose_config(*trace, f"stage.fabric.devices={devices}", cache), tmp_path / f"trace{devices}")["results"]
+        assert summary["devices"] == devices and summary["n_traced"] == 3 and summary["n_from_cache"] == 0
+        rows = [json.loads(line) for line in (tmp_path / f"trace{devices}" / "aie.jsonl").read_text().splitlines()]
+        run_job(compose_config(*evaluate, f"stage.fabric.devices={devices}", cache), tmp_path / f"eval{devices}")
+        cases = [json.loads(line) for line in (tmp_path / f"eval{devices}" / "cases.jsonl").read_text().splitlines()]
+        outputs[devices] = (rows, cases)
+    (rows1, cases1), (rows2, cases2) = outputs[1], outputs[2]
+    assert [r["case_id"] for r in cases2] == [r["case_id"] for r in cases1]
+    for a, b in zip(rows1, rows2):
+        assert (a["name"], a["role"], a["layer"]) == (b["name"], b["role"], b["layer"])
+        assert a["aie"] == pytest.approx(b["aie"], abs=1e-6, nan_ok=True)
+    for a, b in zip(cases1, cases2):
+        for key, value in a.items():
+            if isinstance(value, float):
+                assert b[key] == pytest.approx(value, abs=1e-6, nan_ok=True), key
+            else:
+                assert b[key] == value, key

@@ -49,7 +49,10 @@ def test_edit_stage_both_perspectives_and_summary(compose_config, tmp_path):
         assert aggregates["editor"] == editor and aggregates["rows"]
     cfg = compose_config("stage=summarize", f"stage.sweep_dir={root}", "logger=none")
     summary = run_job(cfg, tmp_path / "summary")["results"]
-    assert len(summary["jobs"]) == 2
+    assert len(summary["edit_jobs"]) == 2 and summary["trace_jobs"] == []
+    import pandas as pd
+
+    assert len(pd.read_parquet(tmp_path / "summary" / "summary.parquet")) == summary["n_rows"]
     table = (tmp_path / "summary" / "summary.md").read_text()
     assert "| rome | entity | entity | reliability |" in table.replace("tiny_gpt2 ", "").replace("| tiny_gpt2", "")
     assert "99.93" in table and "91.36" in table
@@ -64,3 +67,35 @@ def test_edit_stage_refuses_the_none_editor(compose_config, tmp_path):
     cfg = compose_config("stage=edit", "editor=none", "model=tiny_gpt2", "dataset=counterfact", "logger=none")
     with pytest.raises(ConfigError, match="editor"):
         run_job(cfg, tmp_path / "job")
+
+
+class Killed(BaseException):
+    """Stands in for a kill signal (a BaseException, like KeyboardInterrupt, that nothing catches)."""
+
+
+def test_killed_edit_job_resumes_from_finished_groups(compose_config, tmp_path, monkeypatch):
+    """An edit job dies after its first group; the rerun reuses that group and edits only the rest."""
+    import editors.base
+
+    cfg = compose_config("stage=edit", "editor=rome", "perspective=entity", *FAST, "stage.n_cases=3")
+    job = tmp_path / "job"
+    calls, killed = [], []
+    original = editors.base.Editor.apply
+
+    def dying_apply(self, loaded, requests):
+        calls.append([r.case_id for r in requests])
+        if len(calls) == 2 and not killed:
+            killed.append(True)
+            raise Killed("killed mid-sweep")
+        return original(self, loaded, requests)
+
+    monkeypatch.setattr(editors.base.Editor, "apply", dying_apply)
+    with pytest.raises(Killed):
+        run_job(cfg, job)
+    assert read_json(job / "status.json")["status"] == "failed" and not (job / "results.json").exists()
+    assert sorted(p.name for p in (job / "progress").iterdir()) == ["group_00000.json", "pre.jsonl"]
+    calls.clear()
+    results = run_job(cfg, job)["results"]
+    assert len(calls) == 2, "the rerun edits groups 1 and 2 only"
+    assert results["n_cases"] == 3 and len(read_jsonl(job / "cases.jsonl")) == 3
+    assert not (job / "progress").exists()

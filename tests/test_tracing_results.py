@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from core.errors import DataError
+from helpers import write_known_user_facts
 from tracing import TraceResult, TraceSettings, embedding_std, trace
 from tracing.aggregate import aggregate_aie, bootstrap_ratio, role_sums
 from tracing.api import perspective_char_spans
@@ -138,23 +139,6 @@ def test_embedding_std_matches_manual_and_caches(tiny_gpt2, tmp_path):
     assert embedding_std(tiny_gpt2, list(reversed(subjects)), tmp_path) == pytest.approx(manual)
 
 
-def _known_user_facts(loaded, path, n=2):
-    """User facts whose object is the tiny model's own greedy next word, so the model 'knows' them."""
-    templates = ["The capital of {} is", "The mother tongue of {} is", "{} is located in", "{} works as a",
-                 "{} was born in", "The headquarters of {} are in", "{} plays the", "{} speaks"]
-    rows = []
-    for i, template in enumerate(templates):
-        prompt = template.format("Italy")
-        ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            word = loaded.tokenizer.decode([int(loaded.model(input_ids=ids).logits[0, -1].argmax())])
-        if word.startswith(" ") and word.strip().isalpha():
-            rows.append({"case_id": i, "subject": "Italy", "relation_id": None, "template": template, "object": word.strip()})
-    assert len(rows) >= n, "the tiny model predicts too few word tokens for this test"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:n]))
-    return rows[:n]
-
-
 ALL_NAMES = ["attn", "hidden", "hidden_severed_attn", "hidden_severed_mlp", "mlp"]
 
 
@@ -165,7 +149,7 @@ ALL_NAMES = ["attn", "hidden", "hidden_severed_attn", "hidden_severed_mlp", "mlp
 def test_trace_stage_writes_traces_aggregates_and_figures(compose_config, tiny_gpt2, tmp_path, perspective, overrides, names):
     from pipeline.jobs import run_job
 
-    facts = _known_user_facts(tiny_gpt2, tmp_path / "facts.jsonl")
+    facts = write_known_user_facts(tiny_gpt2, tmp_path / "facts.jsonl")
     # A fresh cache for traces and knowledge, sharing only the converted tokenizer/model checkpoints.
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "models").symlink_to(Path(os.environ["KLOC_CACHE_DIR"]) / "models")

@@ -94,7 +94,7 @@ def trace(loaded: LoadedModel, prompt: str, subject: str | None = None, *, persp
         if entry.done:
             try:
                 result = TraceResult.load(entry.dir)
-                result.subject, result.case_id = subject, case_id
+                result.subject, result.case_id, result.from_cache = subject, case_id, True
                 return result
             except CacheError as err:
                 log.warning("trace cache entry %s unreadable (%s); recomputing", entry.dir, err)

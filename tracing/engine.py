@@ -26,6 +26,7 @@ from einops import rearrange, repeat
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from core.memory import free_memory, is_oom
 from models.blocks import BlockStack, PrefixCache
 from models.hooks import Hooks, HookFn, recorder
 from models.load import LoadedModel
@@ -135,15 +136,17 @@ def _run_token(stack: BlockStack, clean: RunRecord, corrupted: RunRecord, t: int
     start = 0
     while start < len(jobs):
         chunk = jobs[start:start + max_jobs]
+        failed = False
         try:
             results.append(_run_chunk(stack, clean, corrupted, t, chunk, samples, answer_id))
         except (torch.OutOfMemoryError, RuntimeError) as err:
-            if not _is_oom(err) or max_jobs == 1:
+            if not is_oom(err) or max_jobs == 1:
                 raise
+            failed = True
+        if failed:  # outside the except block, so the failed chunk's tensors are already unreachable
             max_jobs = max(1, max_jobs // 2)
             log.warning("out of memory at %d restored runs per batch; retrying with %d", len(chunk), max_jobs)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            free_memory()
             continue
         start += len(chunk)
     return torch.cat(results)
@@ -229,10 +232,3 @@ def _rows_from_memory(stack: BlockStack, n_tokens: int, samples: int) -> int:
     else:
         budget = CPU_BUDGET_BYTES
     return max(samples, int(budget // per_row))
-
-
-def _is_oom(err: BaseException) -> bool:
-    if isinstance(err, torch.OutOfMemoryError):
-        return True
-    text = str(err).lower()
-    return "out of memory" in text or "can't allocate memory" in text

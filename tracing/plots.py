@@ -113,10 +113,14 @@ def plot_aie_curves(aggregates: Sequence[RoleAIE], path: str | Path | None = Non
     return fig
 
 
-def plot_severed(aggregates: Mapping[str, RoleAIE], role: str = "last_corrupted", path: str | Path | None = None) -> Figure:
-    """AIE of hidden-state restoration with nothing / MLP / attention severed, per layer at one role."""
-    fig = Figure(figsize=(6.0, 3.4))
-    ax = fig.add_subplot()
+def plot_severed(aggregates: Mapping[str, RoleAIE], role: str = "last_corrupted", path: str | Path | None = None,
+                 ax=None) -> Figure:
+    """AIE of hidden-state restoration with nothing / MLP / attention severed, per layer at one role
+    (into ``ax`` when given, e.g. one panel per perspective)."""
+    if ax is None:
+        fig = Figure(figsize=(6.0, 3.4))
+        ax = fig.add_subplot()
+    fig = ax.figure
     names = [n for n in ("hidden", severed_key("mlp"), severed_key("attn")) if n in aggregates]
     colors = {"hidden": "tab:purple", severed_key("mlp"): "tab:green", severed_key("attn"): "tab:red"}
     r = None
@@ -128,7 +132,8 @@ def plot_severed(aggregates: Mapping[str, RoleAIE], role: str = "last_corrupted"
         ax.fill_between(layers, agg.low[r].numpy(), agg.high[r].numpy(), color=colors[name], alpha=0.2, linewidth=0)
     if names:
         agg = aggregates[names[0]]
-        ax.set_title(f"severed traces at the {ROLE_LABELS[agg.perspective][role]} ({agg.n_facts} facts)", fontsize=9)
+        ax.set_title(f"{agg.perspective}: severed traces at the {ROLE_LABELS[agg.perspective][role]} ({agg.n_facts} facts)",
+                     fontsize=9)
     ax.set_xlabel("layer")
     ax.set_ylabel("AIE")
     ax.legend(fontsize=8)

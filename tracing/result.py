@@ -38,6 +38,8 @@ class TraceResult:
     case_id: Optional[int] = None
     model: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    # True when read back from the trace cache (computed earlier, by this or another job).
+    from_cache: bool = False
 
     @property
     def n_tokens(self) -> int:

@@ -12,6 +12,7 @@ diagnostics), ``aggregates.json`` and ``table.md``.
 from __future__ import annotations
 
 import logging
+import shutil
 import math
 import time
 from dataclasses import dataclass
@@ -22,20 +23,59 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from core.errors import ConfigError
-from core.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from core.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json, read_jsonl
+from core.memory import halving_map
 from editors import build_editor, entity_request, relation_request
 from editors.requests import LOOKUPS
 from facts.relations import load_relation_table
 from metrics.aggregate import aggregate
-from metrics.evaluation import evaluate_cases, evaluation_rows, prepare_cases
+from metrics.evaluation import prepare_cases
 from metrics.report import render_markdown
+from models.load import LoadedModel
 from pipeline.stages.common import load_configured_facts, load_configured_model
+from pipeline.stages.scoring import ScoringSettings, score_cases, score_in_process
 
 log = logging.getLogger(__name__)
 
+PROGRESS_DIR = "progress"
+
+
+class EditProgress:
+    """Finished work of an unfinished edit job: the pre-edit rows and one file per edited group.
+
+    A killed job resumes from here (each file is written atomically once its group is scored);
+    ``run_job`` clears the directory when ``force=true`` and the stage deletes it once the job's
+    results are written. A group file is reused only if it holds the same case ids.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def pre(self, compute) -> list[dict[str, Any]]:
+        path = self.directory / "pre.jsonl"
+        if path.exists():
+            return read_jsonl(path)
+        rows = compute()
+        atomic_write_jsonl(path, rows)
+        return rows
+
+    def group(self, index: int, case_ids: list, compute) -> list[tuple[dict, dict]]:
+        path = self.directory / f"group_{index:05d}.json"
+        if path.exists():
+            stored = read_json(path)
+            if stored["case_ids"] == case_ids:
+                return [tuple(pair) for pair in stored["results"]]
+        results = compute()
+        atomic_write_json(path, {"case_ids": case_ids, "results": [list(pair) for pair in results]})
+        return results
+
 
 @dataclass
-class EditStageConfig:
+class EditStageConfig(ScoringSettings):
     name: str = "edit"
     # First N cases of the dataset (after the known filter and, for relation edits, those with a relation).
     n_cases: int = 100
@@ -44,34 +84,33 @@ class EditStageConfig:
     edit_batch_size: Optional[int] = None
     # Relation perspective: key/lookup token of relation edits (subject_last as the authors; or prompt_last).
     relation_lookup: str = "subject_last"
-    # Evaluation (metrics.evaluation / metrics.aggregate).
-    batch_size: int = 256
-    max_template_paraphrases: Optional[int] = None
-    n_resamples: int = 1000
-    confidence: float = 0.95
-    progress: bool = True
 
-    def validate(self) -> None:
-        for key in ("n_cases", "batch_size", "n_resamples"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"stage.{key}", getattr(self, key), "must be >= 1")
+    def validate(self, prefix: str = "stage") -> None:
+        if self.n_cases < 1:
+            raise ConfigError(f"{prefix}.n_cases", self.n_cases, "must be >= 1")
         if self.edit_batch_size is not None and self.edit_batch_size < 1:
-            raise ConfigError("stage.edit_batch_size", self.edit_batch_size, "must be >= 1 or null")
+            raise ConfigError(f"{prefix}.edit_batch_size", self.edit_batch_size, "must be >= 1 or null")
         if self.relation_lookup not in LOOKUPS:
-            raise ConfigError("stage.relation_lookup", self.relation_lookup, "unknown lookup", f"use one of {', '.join(LOOKUPS)}")
+            raise ConfigError(f"{prefix}.relation_lookup", self.relation_lookup, "unknown lookup", f"use one of {', '.join(LOOKUPS)}")
+        super().validate(prefix)
 
 
 def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
     settings: EditStageConfig = OmegaConf.to_object(cfg.stage)
     settings.validate()
+    loaded = load_configured_model(cfg)
+    return edit_cases(cfg, settings, loaded, list(load_configured_facts(cfg)), job_dir, logger)
+
+
+def edit_cases(cfg: DictConfig, settings: EditStageConfig, loaded: LoadedModel, facts: list, job_dir: Path, logger) -> dict:
+    """Edit the first ``settings.n_cases`` editable facts and score both sides pre and post (files in ``job_dir``)."""
     editor_config = OmegaConf.to_object(cfg.editor)
     if editor_config.name == "none":
-        raise ConfigError("editor", "none", "the edit stage needs an editor", "use editor=rome or editor=memit")
+        raise ConfigError("editor", "none", "the edit stage needs an editor", "use editor=rome, memit, ft, kn or mend")
     perspective = cfg.perspective.name
     started = time.time()
-    loaded = load_configured_model(cfg)
     editor = build_editor(editor_config, cache_dir=cfg.paths.cache_dir, data_dir=cfg.paths.data_dir)
-    facts = [fact for fact in load_configured_facts(cfg) if fact.target_new]
+    facts = [fact for fact in facts if fact.target_new]
     if settings.known_only:
         from facts.knowledge import known_facts
 
@@ -91,19 +130,27 @@ def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
             return entity_request(case.fact)
         return relation_request(case.relation, lookup=settings.relation_lookup)
 
-    scoring = dict(relations=relations, batch_size=settings.batch_size)
-    pre = evaluation_rows(evaluate_cases(loaded, cases, progress=settings.progress, **scoring))
+    progress = EditProgress(job_dir / PROGRESS_DIR)
+    pre = progress.pre(lambda: score_cases(loaded, OmegaConf.to_object(cfg.model), cases, settings, cfg.paths.cache_dir))
     batch = settings.edit_batch_size or editor.default_edit_batch_size
     post: list[dict[str, Any]] = []
     edits: list[dict[str, Any]] = []
     edit_seconds = 0.0
     groups = [cases[i:i + batch] for i in range(0, len(cases), batch)]
-    for group in tqdm(groups, desc=f"{editor_config.name} {perspective}", disable=not settings.progress):
+
+    def edit_and_score(group: list) -> list[tuple[dict, dict]]:
+        """One edit of ``group``, scored while in force, then restored: a (post row, edit info) per case."""
         with editor.apply(loaded, [request(case) for case in group]) as result:
-            post += evaluation_rows(evaluate_cases(loaded, group, progress=False, **scoring))
-        edit_seconds += result.seconds
-        for case, info in zip(group, result.infos):
-            edits.append({**info, "case_id": case.case_id, "edit_seconds": result.seconds / len(group)})
+            rows = score_in_process(loaded, group, settings.batch_size)
+        return [(row, {**info, "case_id": case.case_id, "edit_seconds": result.seconds / len(group)})
+                for case, row, info in zip(group, rows, result.infos)]
+
+    for index, group in enumerate(tqdm(groups, desc=f"{editor_config.name} {perspective}", disable=not settings.progress)):
+        done = progress.group(index, [case.case_id for case in group],
+                              lambda: halving_map(edit_and_score, group, len(group), what="stage.edit_batch"))
+        post += [row for row, _ in done]
+        edits += [info for _, info in done]
+        edit_seconds += sum(info["edit_seconds"] for _, info in done)
     table = aggregate(pre, post, n_resamples=settings.n_resamples, confidence=settings.confidence, seed=cfg.seed)
     name = loaded.identity.get("name", cfg.model.name)
     title = f"{editor_config.name} {perspective} edits of {name} on {cfg.dataset.name} ({len(cases)} cases)"
@@ -115,6 +162,7 @@ def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
     atomic_write_json(job_dir / "aggregates.json", {"title": title, "editor": editor_config.name,
                                                     "perspective": perspective, **table.to_dict()})
     atomic_write_text(job_dir / "table.md", render_markdown(table, title))
+    progress.clear()
     logger.log_scalars({f"edit/{key}": value for key, value in table.scalars().items() if not math.isnan(value)})
     logger.log_table("edit/cases", [{"case_id": r["case_id"], **{f"post.{k}": v for k, v in r["post"].items() if k != "case_id"}}
                                      for r in rows])

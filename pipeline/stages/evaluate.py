@@ -2,7 +2,8 @@
 
 A thin wrapper over ``metrics.evaluation`` (a notebook calls the same functions): take the first
 ``n_cases`` facts of the dataset (optionally only those the model knows), score both sides, and
-write ``cases.jsonl`` (one flat row per case), ``aggregates.json`` and ``table.md``.
+write ``cases.jsonl`` (one flat row per case), ``aggregates.json`` and ``table.md``. With
+``stage.fabric.devices=N`` the cases are sharded over N devices (same rows as one process).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,37 +20,26 @@ from core.errors import ConfigError
 from core.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from facts.relations import load_relation_table
 from metrics.aggregate import aggregate
-from metrics.evaluation import evaluate_cases, evaluation_rows, prepare_cases
+from metrics.evaluation import prepare_cases
 from metrics.report import render_markdown
 from pipeline.stages.common import load_configured_facts, load_configured_model
+from pipeline.stages.scoring import ScoringSettings, score_cases
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class EvaluateStageConfig:
+class EvaluateStageConfig(ScoringSettings):
     name: str = "evaluate"
     # First N cases of the dataset (after the known filter); fewer if the dataset is smaller.
     n_cases: int = 200
     # Keep only facts whose object the model predicts greedily (facts.knowledge, cached).
     known_only: bool = False
-    # (prompt, candidate) rows per forward pass.
-    batch_size: int = 256
-    # Cap on the extra entity-side paraphrases drawn from the relation's templates (null: all).
-    max_template_paraphrases: Optional[int] = None
-    n_resamples: int = 1000
-    confidence: float = 0.95
-    progress: bool = True
 
-    def validate(self) -> None:
-        for key in ("n_cases", "batch_size", "n_resamples"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"stage.{key}", getattr(self, key), "must be >= 1")
-        if not 0 < self.confidence < 1:
-            raise ConfigError("stage.confidence", self.confidence, "must be in (0, 1)", hint="e.g. 0.95")
-        if self.max_template_paraphrases is not None and self.max_template_paraphrases < 0:
-            raise ConfigError("stage.max_template_paraphrases", self.max_template_paraphrases, "must be >= 0",
-                              hint="use null for all templates")
+    def validate(self, prefix: str = "stage") -> None:
+        if self.n_cases < 1:
+            raise ConfigError(f"{prefix}.n_cases", self.n_cases, "must be >= 1")
+        super().validate(prefix)
 
 
 def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
@@ -71,9 +60,8 @@ def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
     relations = load_relation_table()
     cases = prepare_cases(facts[: settings.n_cases], relations, max_template_paraphrases=settings.max_template_paraphrases)
     scoring = time.time()
-    scores = evaluate_cases(loaded, cases, relations, batch_size=settings.batch_size, progress=settings.progress)
+    rows = score_cases(loaded, OmegaConf.to_object(cfg.model), cases, settings, cfg.paths.cache_dir)
     score_seconds = time.time() - scoring
-    rows = evaluation_rows(scores)
     table = aggregate(rows, None, n_resamples=settings.n_resamples, confidence=settings.confidence, seed=cfg.seed)
     title = f"Unedited {loaded.identity.get('name', cfg.model.name)} on {cfg.dataset.name} ({len(rows)} cases)"
     atomic_write_jsonl(job_dir / "cases.jsonl", rows)
@@ -89,6 +77,7 @@ def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
         "n_relation_side": table.counts["relation_side"],
         "n_without_relation": table.counts["without_relation"],
         "pre": {row.metric: row.pre.to_dict()["mean"] for row in table.rows},  # NaN -> None (strict JSON)
+        "devices": settings.fabric.devices,
         "score_seconds": round(score_seconds, 2),
         "cases_per_second": round(len(rows) / score_seconds, 3) if score_seconds > 0 else None,
         "seconds": round(time.time() - started, 2),

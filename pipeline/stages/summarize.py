@@ -1,14 +1,22 @@
-"""Stage ``summarize``: collect the edit jobs of a sweep dir into one tidy table.
+"""Stage ``summarize``: collect a sweep's job dirs into tidy tables and one W&B summary run.
 
-Reads every ``<sweep_dir>/**/results.json`` whose stage is ``edit`` (with its ``aggregates.json``)
-and writes ``summary.csv`` (one row per editor x perspective x side x metric x pre/post, with the
-interval) and ``summary.md`` (pre -> post per metric, and the paper's GPT-2 XL reliabilities for
-reference) into the job dir.
+Reads every finished job (``results.json``) under ``stage.sweep_dir``: edit results of ``stage=edit``
+jobs and of the default ``stage=full`` jobs (their ``edit/`` step), and AIE tables of ``stage=trace``
+jobs and of ``full`` jobs (their ``trace/`` step). Writes into the job dir:
+
+- ``summary.{csv,parquet}``: one row per job x side x metric x pre/post, with the interval;
+- ``aie.{csv,parquet}``: one row per job x score name x token role x layer, with the interval;
+- ``summary.md``: pre -> post per editor x edit perspective x side x metric, next to the paper's
+  GPT-2 XL numbers (``metrics.paper``).
+
+The job's W&B run (job_type ``summarize``, group = the sweep) carries both tables and one scalar per
+editor/perspective/side/metric, so a dashboard compares a whole sweep at a glance.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,80 +25,121 @@ import pandas as pd
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from core.errors import ConfigError
-from core.io import atomic_write_text, read_json
+from core.io import atomic_path, atomic_write_text, read_json, read_jsonl
+from metrics.paper import PAPER_EDITING
 
 log = logging.getLogger(__name__)
-
-# Wei et al. (2024), GPT-2 XL reliability (%) by (editor, perspective of the edit, side scored).
-PAPER_RELIABILITY: dict[tuple[str, str, str], float] = {
-    ("rome", "entity", "entity"): 99.93, ("rome", "entity", "relation"): 96.12,
-    ("memit", "entity", "entity"): 93.88, ("memit", "entity", "relation"): 97.28,
-    ("rome", "relation", "entity"): 27.92, ("rome", "relation", "relation"): 99.99,
-    ("memit", "relation", "entity"): 24.15, ("memit", "relation", "relation"): 91.36,
-}
 
 
 @dataclass
 class SummarizeStageConfig:
     name: str = "summarize"
     sweep_dir: str = MISSING
-    # Metrics for the markdown table (all metrics go to the csv).
+    # Metrics for the markdown table (all metrics go to the csv / parquet).
     metrics: list[str] = field(default_factory=lambda: [
         "entity.reliability", "entity.generality", "entity.locality", "entity.score",
         "relation.reliability", "relation.generality", "relation.locality", "relation.removal", "relation.score"])
 
 
+def _finished(sweep_dir: Path, step: str, stage: str) -> list[tuple[Path, dict]]:
+    """(dir holding the step's files, its results) for jobs of ``stage`` or ``full`` jobs' ``step``."""
+    found = []
+    for marker in sorted(Path(sweep_dir).rglob("results.json")):
+        payload = read_json(marker)
+        if payload.get("stage") == stage:
+            found.append((marker.parent, payload["results"]))
+        elif payload.get("stage") == "full" and step in payload.get("results", {}):
+            found.append((marker.parent / step, payload["results"][step]))
+    return found
+
+
 def collect(sweep_dir: str | Path) -> pd.DataFrame:
-    """Tidy rows: job, model, editor, perspective, side, metric, stage (pre/post), mean, low, high, n."""
+    """Tidy edit rows: job, model, editor, perspective, side, metric, stage (pre/post), mean, low, high, n."""
     rows: list[dict[str, Any]] = []
-    for results_file in sorted(Path(sweep_dir).rglob("results.json")):
-        payload = read_json(results_file)
-        if payload.get("stage") != "edit" or not (results_file.parent / "aggregates.json").exists():
+    for directory, summary in _finished(Path(sweep_dir), "edit", "edit"):
+        if not (directory / "aggregates.json").exists():
             continue
-        summary = payload["results"]
-        table = read_json(results_file.parent / "aggregates.json")
-        for row in table["rows"]:
+        job = directory.name if directory.name != "edit" else directory.parent.name
+        for row in read_json(directory / "aggregates.json")["rows"]:
             for stage in ("pre", "post"):
                 estimate = row.get(stage)
                 if not estimate:
                     continue
-                rows.append({"job": results_file.parent.name, "model": summary["model"], "editor": summary["editor"],
+                rows.append({"job": job, "model": summary["model"], "editor": summary["editor"],
                              "perspective": summary["perspective"], "n_cases": summary["n_cases"],
                              "side": row["metric"].split(".")[0], "metric": row["metric"].split(".", 1)[1], "stage": stage,
                              "mean": estimate["mean"], "low": estimate["low"], "high": estimate["high"], "n": estimate["n"]})
     return pd.DataFrame(rows)
 
 
+def collect_aie(sweep_dir: str | Path) -> pd.DataFrame:
+    """Tidy AIE rows of every trace: job, model, perspective, name, role, layer, aie, low, high, tokens, n_facts."""
+    frames = []
+    for directory, summary in _finished(Path(sweep_dir), "trace", "trace"):
+        if not (directory / "aie.jsonl").exists():
+            continue
+        frame = pd.DataFrame(read_jsonl(directory / "aie.jsonl"))
+        frame.insert(0, "job", directory.name if directory.name != "trace" else directory.parent.name)
+        frame.insert(1, "model", summary["model"])
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
 def markdown(frame: pd.DataFrame, metrics: list[str]) -> str:
-    """editor x perspective x side x metric, pre -> post (in %), with the paper's reliability."""
+    """editor x perspective x side x metric, pre -> post (in %), with the paper's GPT-2 XL values."""
     wanted = frame[(frame["side"] + "." + frame["metric"]).isin(metrics)]
     wide = wanted.pivot_table(index=["model", "editor", "perspective", "side", "metric"], columns="stage",
                               values="mean", aggfunc="first").reset_index()
-    lines = ["| model | editor | edit perspective | side | metric | pre | post | paper GPT-2 XL |", "|---|---|---|---|---|---|---|---|"]
+    bounds = wanted[wanted["stage"] == "post"].set_index(["model", "editor", "perspective", "side", "metric"])
+    lines = ["| model | editor | edit perspective | side | metric | pre | post [95% CI] | paper GPT-2 XL |",
+             "|---|---|---|---|---|---|---|---|"]
     for record in wide.sort_values(["model", "editor", "perspective", "side", "metric"]).to_dict("records"):
-        paper = PAPER_RELIABILITY.get((record["editor"], record["perspective"], record["side"])) if record["metric"] == "reliability" else None
-        cells = [_percent(record.get("pre")), _percent(record.get("post")), f"{paper:.2f}" if paper is not None else ""]
+        key = (record["model"], record["editor"], record["perspective"], record["side"], record["metric"])
+        paper = PAPER_EDITING.get(record["metric"], {}).get((record["editor"], record["perspective"], record["side"]))
+        post = _percent(record.get("post"))
+        if post and key in bounds.index:
+            bound = bounds.loc[[key]].iloc[0]
+            post += f" [{_percent(bound['low'], 0)}, {_percent(bound['high'], 0)}]"
+        cells = [_percent(record.get("pre")), post, f"{paper:.2f}" if paper is not None else ""]
         lines.append(f"| {record['model']} | {record['editor']} | {record['perspective']} | {record['side']} | {record['metric']} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _percent(value: Any) -> str:
-    return "" if value is None or pd.isna(value) else f"{100 * float(value):.2f}"
+def _percent(value: Any, digits: int = 1) -> str:
+    return "" if value is None or pd.isna(value) else f"{100 * float(value):.{digits}f}"
+
+
+def write_tables(frame: pd.DataFrame, directory: Path, stem: str) -> list[str]:
+    """``<stem>.csv`` and ``<stem>.parquet`` (atomic): the same tidy rows for spreadsheets and pandas."""
+    atomic_write_text(directory / f"{stem}.csv", frame.to_csv(index=False))
+    with atomic_path(directory / f"{stem}.parquet") as tmp:
+        frame.to_parquet(tmp, index=False)
+    return [f"{stem}.csv", f"{stem}.parquet"]
 
 
 def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
     settings: SummarizeStageConfig = OmegaConf.to_object(cfg.stage)
     sweep_dir = Path(settings.sweep_dir)
     if not sweep_dir.is_dir():
-        raise ConfigError("stage.sweep_dir", str(sweep_dir), "not a directory", "pass the sweep dir of an edit sweep")
-    frame = collect(sweep_dir)
-    if frame.empty:
-        raise ConfigError("stage.sweep_dir", str(sweep_dir), "holds no finished edit jobs", "run the edit sweep first")
-    atomic_write_text(job_dir / "summary.csv", frame.to_csv(index=False))
-    table = markdown(frame, list(settings.metrics))
-    atomic_write_text(job_dir / "summary.md", table)
-    logger.log_table("summary", frame.to_dict("records"))
-    jobs = sorted(set(frame["job"]))
-    log.info("summarized %d edit jobs of %s\n%s", len(jobs), sweep_dir, table)
-    return {"sweep_dir": str(sweep_dir), "jobs": jobs, "n_rows": len(frame), "files": ["summary.csv", "summary.md"]}
+        raise ConfigError("stage.sweep_dir", str(sweep_dir), "not a directory", "pass the sweep dir of a sweep")
+    edits, aie = collect(sweep_dir), collect_aie(sweep_dir)
+    if edits.empty and aie.empty:
+        raise ConfigError("stage.sweep_dir", str(sweep_dir), "holds no finished edit, trace or full jobs", "run the sweep first")
+    files: list[str] = []
+    if not edits.empty:
+        files += write_tables(edits, job_dir, "summary")
+        table = markdown(edits, list(settings.metrics))
+        atomic_write_text(job_dir / "summary.md", table)
+        files.append("summary.md")
+        logger.log_table("summary/edits", edits.to_dict("records"))
+        post = edits[edits["stage"] == "post"]
+        logger.log_scalars({f"summary/{r['editor']}/{r['perspective']}/{r['side']}.{r['metric']}": r["mean"]
+                            for r in post.to_dict("records") if r["mean"] is not None and not math.isnan(r["mean"])})
+        log.info("summarized %d edit jobs of %s\n%s", edits["job"].nunique(), sweep_dir, table)
+    if not aie.empty:
+        files += write_tables(aie, job_dir, "aie")
+        logger.log_table("summary/aie", aie.to_dict("records"))
+    return {"sweep_dir": str(sweep_dir), "edit_jobs": sorted(set(edits["job"])) if not edits.empty else [],
+            "trace_jobs": sorted(set(aie["job"])) if not aie.empty else [], "n_rows": len(edits), "n_aie_rows": len(aie),
+            "files": files}

@@ -10,6 +10,7 @@ Job dir: ``traces/case_<id>.{safetensors,json}``, ``aie.safetensors``, ``aie.jso
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,10 @@ from core.errors import ConfigError, DataError
 from core.io import atomic_save_tensors, atomic_write_jsonl
 from facts.knowledge import known_facts
 from facts.relations import load_relation_table
+from models.load import LoadedModel, load_model
+from pipeline.distributed import FabricConfig, map_sharded
 from pipeline.stages.common import load_configured_facts, load_configured_model
+from pipeline.stages.scoring import replica_config
 from tracing import TraceSettings, embedding_std, severed_key, trace_fact
 from tracing.aggregate import aggregate_aie
 from tracing.plots import plot_aie_curves, plot_role_heatmaps, plot_severed, plot_trace_grid
@@ -49,12 +53,15 @@ class TraceStageConfig:
     plot_facts: int = 5
     knowledge_batch_size: int = 64
     progress: bool = True
+    # Shard the facts over several devices (one model replica each); devices=1 traces in-process.
+    fabric: FabricConfig = field(default_factory=FabricConfig)
 
     def trace_settings(self, seed: int) -> TraceSettings:
         if self.answer not in ("predicted", "true"):
             raise ConfigError("stage.answer", self.answer, "unknown answer choice", hint="use predicted or true")
         if self.n_facts is not None and self.n_facts < 1:
             raise ConfigError("stage.n_facts", self.n_facts, "must be >= 1 or null", hint="null traces every known fact")
+        self.fabric.validate()
         if not 0 < self.confidence < 1:
             raise ConfigError("stage.confidence", self.confidence, "must be in (0, 1)", hint="e.g. 0.95")
         return TraceSettings(kinds=tuple(self.kinds), severed=("mlp", "attn") if self.severed else (),
@@ -64,36 +71,43 @@ class TraceStageConfig:
 
 def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
     stage: TraceStageConfig = OmegaConf.to_object(cfg.stage)
+    loaded = load_configured_model(cfg)
+    return trace_known_facts(cfg, stage, loaded, list(load_configured_facts(cfg)), cfg.dataset.name, job_dir, logger)
+
+
+def trace_known_facts(cfg: DictConfig, stage: TraceStageConfig, loaded: LoadedModel, facts: list, dataset: str,
+                      job_dir: Path, logger) -> dict:
+    """Trace the first ``stage.n_facts`` of ``facts`` the model knows; AIE tables and figures into ``job_dir``."""
     settings = stage.trace_settings(int(cfg.seed))
     perspective, relation_span = cfg.perspective.name, cfg.perspective.relation_span
     cache_dir = cfg.paths.cache_dir
     started = time.time()
-    loaded = load_configured_model(cfg)
-    facts = list(load_configured_facts(cfg))
     known = known_facts(loaded, facts, cache_dir, stage.knowledge_batch_size)
     chosen = known if stage.n_facts is None else known[: stage.n_facts]
     if not chosen:
-        raise DataError("dataset", cfg.dataset.name, f"the model knows none of the {len(facts)} facts",
+        raise DataError("dataset", dataset, f"the model knows none of the {len(facts)} facts",
                         hint="check the model, or use another dataset")
     if settings.noise_scale is None:
         std = embedding_std(loaded, [fact.subject for fact in facts], cache_dir)
         settings = settings.with_scale(settings.noise_factor * std)
-    relations = load_relation_table()
 
-    results, skipped, paths = [], [], []
     traced = time.time()
-    for fact in tqdm(chosen, desc=f"trace {perspective}", disable=not stage.progress):
-        try:
-            result = trace_fact(loaded, fact, perspective, relation_span=relation_span, answer=stage.answer,
-                                settings=settings, relation=relations.get(fact.relation_id or ""),
-                                cache_dir=cache_dir, max_rows=stage.max_rows)
-        except DataError as err:
-            log.warning("skipping case %s: %s", fact.case_id, err)
-            skipped.append({"case_id": fact.case_id, "error": str(err)})
-            continue
-        results.append(result)
-        paths += result.save(job_dir / "traces", stem=f"case_{fact.case_id}")
+    options = dict(perspective=perspective, relation_span=relation_span, answer=stage.answer, settings=settings,
+                   cache_dir=str(cache_dir), max_rows=stage.max_rows)
+    if stage.fabric.devices == 1:
+        outcomes = trace_facts(loaded, chosen, progress=stage.progress, **options)
+    else:
+        task = functools.partial(_trace_shard, model=OmegaConf.to_object(cfg.model), **options)
+        outcomes = map_sharded(task, chosen, stage.fabric)
     trace_seconds = time.time() - traced
+    results, skipped, paths = [], [], []
+    for fact, outcome in zip(chosen, outcomes):
+        if isinstance(outcome, str):
+            log.warning("skipping case %s: %s", fact.case_id, outcome)
+            skipped.append({"case_id": fact.case_id, "error": outcome})
+            continue
+        results.append(outcome)
+        paths += outcome.save(job_dir / "traces", stem=f"case_{fact.case_id}")
     if not results:
         raise DataError("facts", len(chosen), "every fact failed to trace", hint=skipped[0]["error"] if skipped else "")
 
@@ -109,8 +123,10 @@ def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
     for figure in figures:
         logger.log_image(f"trace/{perspective}/{figure.stem}", figure)
     summary = {
-        "model": loaded.identity["name"], "perspective": perspective, "relation_span": relation_span,
+        "model": loaded.identity["name"], "dataset": dataset, "perspective": perspective, "relation_span": relation_span,
+        "n_layers": loaded.adapter.n_layers,
         "n_facts": len(facts), "n_known": len(known), "n_traced": len(results), "skipped": skipped,
+        "n_from_cache": sum(result.from_cache for result in results), "devices": stage.fabric.devices,
         "noise_scale": settings.noise_scale, "settings": settings.key(),
         "p_clean": sum(r.p_clean for r in results) / len(results),
         "p_corrupted": sum(r.p_corrupted for r in results) / len(results),
@@ -121,6 +137,24 @@ def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
                         f"trace/{perspective}/p_corrupted": summary["p_corrupted"],
                         f"trace/{perspective}/n_traced": len(results)})
     return summary
+
+
+def trace_facts(loaded: LoadedModel, facts: list, *, progress: bool = False, **options) -> list:
+    """Each fact's ``TraceResult`` (cached per fact), or the message of the DataError that ruled it out."""
+    relations = load_relation_table()
+    outcomes: list = []
+    for fact in tqdm(facts, desc=f"trace {options['perspective']}", disable=not progress):
+        try:
+            outcomes.append(trace_fact(loaded, fact, relation=relations.get(fact.relation_id or ""), **options))
+        except DataError as err:
+            outcomes.append(str(err))
+    return outcomes
+
+
+def _trace_shard(facts: list, device, *, model, cache_dir: str, **options) -> list:
+    """One rank's share: a model replica on ``device``; the per-fact cache is shared by all ranks."""
+    loaded = load_model(replica_config(model, device), cache_dir=cache_dir)
+    return trace_facts(loaded, facts, cache_dir=cache_dir, **options)
 
 
 def _peaks(agg) -> dict:

@@ -1,0 +1,153 @@
+"""The paper's artefacts from finished pipeline jobs: trace figures, the severed figure, the editing table.
+
+Reads job dirs of a sweep (``results.json`` done-markers, never half-finished jobs) and writes into
+one folder per model (``outputs/figures/<model>/``), atomically:
+
+- ``trace_<perspective>_{roles,curves}.{png,pdf}``, ``trace_<perspective>_aie.csv`` (AIE by role and
+  layer with bootstrap bounds, every score name) and ``trace_<perspective>.json`` (model, layers,
+  facts, p_clean / p_corrupted, settings);
+- ``severed.{png,pdf}``: hidden-state AIE at the last corrupted token with nothing / MLP / attention
+  severed, one panel per perspective;
+- ``table_editing.{md,csv}``: editor x edit perspective x side x metric, pre -> post with intervals.
+
+    python -m pipeline.figures trace --sweep-dir outputs/sweeps/<s> --perspective entity --out outputs/figures/<m>
+    python -m pipeline.figures severed --sweep-dir outputs/sweeps/<s> --out outputs/figures/<m>
+    python -m pipeline.figures table --sweep-dir outputs/sweeps/<s> --out outputs/figures/<m>
+
+The Makefile's ``fig-*`` / ``table-editing`` targets run the pipeline jobs and then these commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from core.errors import ConfigError, DataError
+from core.io import atomic_write_json, atomic_write_text, read_json
+from tracing import TraceResult, severed_key
+from tracing.aggregate import RoleAIE, aggregate_aie
+from tracing.plots import plot_aie_curves, plot_role_heatmaps, plot_severed, save_figure
+
+log = logging.getLogger(__name__)
+
+KINDS = ("hidden", "mlp", "attn")
+SEVERED = ("hidden", severed_key("mlp"), severed_key("attn"))
+
+
+def finished_jobs(sweep_dir: Path, stage: str, **match: str) -> list[Path]:
+    """Job dirs of ``stage`` under ``sweep_dir`` whose results match ``match`` (newest first)."""
+    jobs = []
+    for marker in Path(sweep_dir).rglob("results.json"):
+        payload = read_json(marker)
+        if payload.get("stage") != stage or not isinstance(payload.get("results"), dict):
+            continue
+        results = payload["results"]
+        if all(results.get(key) == value for key, value in match.items()):
+            jobs.append(marker.parent)
+    return sorted(jobs, key=lambda job: (job / "results.json").stat().st_mtime, reverse=True)
+
+
+def trace_job(sweep_dir: Path, perspective: str) -> Path:
+    jobs = finished_jobs(sweep_dir, "trace", perspective=perspective)
+    if not jobs:
+        raise DataError("sweep_dir", str(sweep_dir), f"holds no finished trace job for perspective={perspective}",
+                        hint=f"run: make fig-trace-{perspective} (or python -m pipeline.run stage=trace perspective={perspective})")
+    if len(jobs) > 1:
+        log.warning("%d trace jobs for %s in %s; using the newest, %s", len(jobs), perspective, sweep_dir, jobs[0].name)
+    return jobs[0]
+
+
+def job_aggregates(job_dir: Path) -> tuple[dict[str, RoleAIE], dict]:
+    """Re-aggregate a trace job's per-fact traces with the job's own bootstrap settings."""
+    results = [TraceResult.load(path.parent, path.stem) for path in sorted((job_dir / "traces").glob("case_*.json"))]
+    if not results:
+        raise DataError("job_dir", str(job_dir), "has no traces/case_*.json", hint="rerun the trace job with force=true")
+    config = _job_config(job_dir)
+    stage, seed = config.get("stage", {}), int(config.get("seed", 0))
+    names = sorted(set.intersection(*(set(result.scores) for result in results)))
+    aggregates = {name: aggregate_aie(results, name, int(stage.get("n_bootstrap", 1000)),
+                                      float(stage.get("confidence", 0.95)), seed) for name in names}
+    summary = read_json(job_dir / "results.json")["results"]
+    meta = {"model": summary["model"], "n_layers": int(results[0].scores["hidden"].shape[1]),
+            "n_facts": len(results), "p_clean": summary["p_clean"], "p_corrupted": summary["p_corrupted"],
+            "perspective": summary["perspective"], "relation_span": summary.get("relation_span"),
+            "settings": summary["settings"], "job": str(job_dir)}
+    return aggregates, meta
+
+
+def _job_config(job_dir: Path) -> dict:
+    import yaml
+
+    path = job_dir / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.exists() else {}
+
+
+def write_trace(sweep_dir: Path, perspective: str, out: Path) -> list[Path]:
+    aggregates, meta = job_aggregates(trace_job(sweep_dir, perspective))
+    kinds = [aggregates[name] for name in KINDS if name in aggregates]
+    stem = out / f"trace_{perspective}"
+    paths = save_figure(plot_role_heatmaps(kinds), f"{stem}_roles") + save_figure(plot_aie_curves(kinds), f"{stem}_curves")
+    rows = [row for agg in aggregates.values() for row in agg.rows()]
+    paths.append(atomic_write_text(out / f"trace_{perspective}_aie.csv", pd.DataFrame(rows).to_csv(index=False)))
+    paths.append(atomic_write_json(out / f"trace_{perspective}.json", meta))
+    return paths
+
+
+def write_severed(sweep_dir: Path, out: Path, perspectives: Sequence[str] = ("entity", "relation")) -> list[Path]:
+    panels = []
+    for perspective in perspectives:
+        aggregates, _ = job_aggregates(trace_job(sweep_dir, perspective))
+        present = {name: aggregates[name] for name in SEVERED if name in aggregates}
+        if len(present) < 2:
+            raise DataError("stage.severed", False, f"the {perspective} trace job has no severed traces",
+                            hint="rerun it with stage.severed=true (make fig-severed does)")
+        panels.append(present)
+    figure = Figure(figsize=(6.0 * len(panels), 3.4), layout="constrained")
+    for i, present in enumerate(panels):
+        plot_severed(present, ax=figure.add_subplot(1, len(panels), i + 1))
+    return save_figure(figure, out / "severed")
+
+
+def write_table(sweep_dir: Path, out: Path) -> list[Path]:
+    from pipeline.stages.summarize import collect, markdown
+
+    frame = collect(sweep_dir)
+    if frame.empty:
+        raise DataError("sweep_dir", str(sweep_dir), "holds no finished edit jobs", hint="run: make table-editing")
+    metrics = [f"{side}.{metric}" for side in ("entity", "relation") for metric in ("reliability", "generality", "locality")]
+    metrics += ["relation.top1"]
+    return [atomic_write_text(out / "table_editing.csv", frame.to_csv(index=False)),
+            atomic_write_text(out / "table_editing.md", markdown(frame, metrics))]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
+    parser = argparse.ArgumentParser(description="Draw the paper's figures and tables from finished pipeline jobs.")
+    parser.add_argument("artefact", choices=("trace", "severed", "table"))
+    parser.add_argument("--sweep-dir", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path, help="e.g. outputs/figures/<model>")
+    parser.add_argument("--perspective", choices=("entity", "relation"), help="for trace")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(name)s][%(levelname)s] - %(message)s")
+    if not args.sweep_dir.is_dir():
+        raise ConfigError("--sweep-dir", str(args.sweep_dir), "not a directory", hint="run the make target's pipeline jobs first")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.artefact == "trace":
+        if args.perspective is None:
+            raise ConfigError("--perspective", None, "trace needs a perspective", hint="--perspective entity or relation")
+        paths = write_trace(args.sweep_dir, args.perspective, args.out)
+    elif args.artefact == "severed":
+        paths = write_severed(args.sweep_dir, args.out)
+    else:
+        paths = write_table(args.sweep_dir, args.out)
+    for path in paths:
+        print(path)
+    return paths
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Stage ``full`` (the default): one model x editor x perspective x dataset, end to end.
+
+1. **Known facts and causal trace** of the perspective, on ``stage.trace_dataset`` (ROME's known
+   facts): both reuse the content-addressed caches (known-fact table, per-fact traces), whose
+   locks make parallel jobs of a sweep wait for one another instead of computing twice; the AIE
+   tensors and figures go to ``trace/`` and to the job's W&B run.
+2. **Edits** of ``dataset`` cases by ``editor`` from the perspective, every case scored on both
+   sides before and after (``edit/``: cases.jsonl, aggregates.json, table.md; W&B scalars/tables).
+
+Each step writes ``<step>/results.json`` when it finishes, so a killed job redoes only the steps
+(and, within the edit step, the edit groups) it lacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from core.io import atomic_write_json, read_json
+from facts.config import DatasetConfig
+from pipeline.stages.common import load_configured_facts, load_configured_model
+from pipeline.stages.edit import EditStageConfig, edit_cases
+from pipeline.stages.trace import TraceStageConfig, trace_known_facts
+
+log = logging.getLogger(__name__)
+
+STEP_DONE = "results.json"
+
+
+def _known_dataset() -> DatasetConfig:
+    return DatasetConfig(name="known")
+
+
+@dataclass
+class FullStageConfig:
+    name: str = "full"
+    # Facts traced (the model's known ones among them); the paper traces ROME's known facts.
+    trace_dataset: DatasetConfig = field(default_factory=_known_dataset)
+    trace: TraceStageConfig = field(default_factory=TraceStageConfig)
+    edit: EditStageConfig = field(default_factory=EditStageConfig)
+    # Skip a step entirely (e.g. tracing only, or editing with a trace computed elsewhere).
+    run_trace: bool = True
+    run_edit: bool = True
+
+
+def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
+    settings: FullStageConfig = OmegaConf.to_object(cfg.stage)
+    settings.edit.validate("stage.edit")
+    settings.trace.trace_settings(int(cfg.seed))  # validates before anything is loaded
+    started = time.time()
+    force = bool(cfg.get("force", False))
+    loaded = load_configured_model(cfg)
+    summary: dict = {"model": loaded.identity["name"], "editor": cfg.editor.name, "perspective": cfg.perspective.name,
+                     "dataset": cfg.dataset.name}
+    if settings.run_trace:
+        def trace_step(directory: Path) -> dict:
+            from facts import load_facts
+
+            data_dir = Path(cfg.paths.data_dir) if cfg.paths.data_dir else None
+            facts = list(load_facts(settings.trace_dataset, data_dir=data_dir, cache_dir=cfg.paths.cache_dir))
+            return trace_known_facts(cfg, settings.trace, loaded, facts, settings.trace_dataset.name, directory, logger)
+
+        summary["trace"] = _step(job_dir / "trace", trace_step, force)
+    if settings.run_edit and cfg.editor.name == "none":
+        log.info("editor=none: tracing only")
+    elif settings.run_edit:
+        summary["edit"] = _step(job_dir / "edit", lambda directory: edit_cases(
+            cfg, settings.edit, loaded, list(load_configured_facts(cfg)), directory, logger), force)
+    summary["seconds"] = round(time.time() - started, 2)
+    return summary
+
+
+def _step(directory: Path, compute: Callable[[Path], dict], force: bool) -> dict:
+    """Run one step into ``directory`` unless its done-marker exists (a resumed job skips it)."""
+    marker = directory / STEP_DONE
+    if marker.exists() and not force:
+        log.info("step %s already done; reusing it", directory.name)
+        return {**read_json(marker), "reused": True}
+    directory.mkdir(parents=True, exist_ok=True)
+    result = compute(directory)
+    atomic_write_json(marker, result)
+    return result

@@ -1,0 +1,26 @@
+"""Test helpers shared by several test files (plain functions; fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TEMPLATES = ["The capital of {} is", "The mother tongue of {} is", "{} is located in", "{} works as a",
+             "{} was born in", "The headquarters of {} are in", "{} plays the", "{} speaks"]
+
+
+def write_known_user_facts(loaded, path: Path, n: int = 2) -> list[dict]:
+    """User facts whose object is the tiny model's own greedy next word, so the model 'knows' them."""
+    rows = []
+    for i, template in enumerate(TEMPLATES):
+        prompt = template.format("Italy")
+        ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            word = loaded.tokenizer.decode([int(loaded.model(input_ids=ids).logits[0, -1].argmax())])
+        if word.startswith(" ") and word.strip().isalpha():
+            rows.append({"case_id": i, "subject": "Italy", "relation_id": None, "template": template, "object": word.strip()})
+    assert len(rows) >= n, "the tiny model predicts too few word tokens for this test"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:n]))
+    return rows[:n]

@@ -1,0 +1,100 @@
+"""make figures / make report on a tiny model, in-process: trace jobs from both perspectives (with
+severed traces) and edit jobs in one sweep dir, then the summarize stage, the figure commands and the
+report, checked file by file."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from core.errors import DataError
+from core.io import read_json
+from helpers import write_known_user_facts
+from pipeline.jobs import run_job
+
+TRACE = ["stage=trace", "model=tiny_gpt2", "logger=none", "stage.samples=2", "stage.window=2", "stage.n_bootstrap=50",
+         "stage.plot_facts=1", "stage.progress=false"]
+EDIT = ["stage=edit", "model=tiny_gpt2", "dataset=counterfact", "logger=none", "editor.layers=[1]",
+        "editor.stats.n_samples=40", "editor.stats.max_tokens=48", "editor.v_num_grad_steps=2",
+        "editor.context_template_lengths=[[3,2]]", "stage.n_cases=2", "stage.n_resamples=20", "stage.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, tiny_gpt2):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from pipeline.config import CONF_DIR, register_configs
+
+    root = tmp_path_factory.mktemp("figures")
+    facts = root / "facts.jsonl"
+    write_known_user_facts(tiny_gpt2, facts)
+    register_configs()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def job(name: str, *overrides: str) -> None:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[f"paths.output_dir={root / 'outputs'}", *overrides])
+        run_job(cfg, root / "sweep" / name)
+
+    for perspective in ("entity", "relation"):
+        job(f"trace-{perspective}", *TRACE, "dataset=user", f"dataset.path={facts}", f"perspective={perspective}")
+    job("rome-entity", *EDIT, "editor=rome", "perspective=entity")
+    job("memit-relation", *EDIT, "editor=memit", "perspective=relation")
+    GlobalHydra.instance().clear()
+    torch.set_num_threads(threads)
+    return root
+
+
+def test_summarize_collects_edits_and_traces_into_csv_and_parquet(sweep, compose_config, tmp_path):
+    cfg = compose_config("stage=summarize", f"stage.sweep_dir={sweep / 'sweep'}", "logger=none")
+    results = run_job(cfg, tmp_path / "summary")["results"]
+    assert results["edit_jobs"] == ["memit-relation", "rome-entity"]
+    assert results["trace_jobs"] == ["trace-entity", "trace-relation"]
+    aie = pd.read_parquet(tmp_path / "summary" / "aie.parquet")
+    assert len(aie) == results["n_aie_rows"] and set(aie["perspective"]) == {"entity", "relation"}
+    assert {"hidden_severed_mlp", "hidden_severed_attn"} <= set(aie["name"])
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "summary" / "aie.csv"), aie, check_dtype=False)
+    edits = pd.read_parquet(tmp_path / "summary" / "summary.parquet")
+    assert set(edits["editor"]) == {"rome", "memit"} and set(edits["stage"]) == {"pre", "post"}
+
+
+def test_figure_commands_and_report(sweep, tmp_path):
+    from pipeline import figures, report
+
+    out = tmp_path / "figures" / "tiny_gpt2"
+    for perspective in ("entity", "relation"):
+        figures.main(["trace", "--perspective", perspective, "--sweep-dir", str(sweep / "sweep"), "--out", str(out)])
+    figures.main(["severed", "--sweep-dir", str(sweep / "sweep"), "--out", str(out)])
+    figures.main(["table", "--sweep-dir", str(sweep / "sweep"), "--out", str(out)])
+    for stem in ("trace_entity_roles", "trace_entity_curves", "trace_relation_roles", "trace_relation_curves", "severed"):
+        assert (out / f"{stem}.png").stat().st_size > 0 and (out / f"{stem}.pdf").stat().st_size > 0
+    meta = read_json(out / "trace_entity.json")
+    assert meta["n_layers"] == 4 and meta["n_facts"] == 2 and meta["perspective"] == "entity"
+    aie = pd.read_csv(out / "trace_relation_aie.csv")
+    # The re-aggregated table equals the one the trace job wrote (same facts, same bootstrap seed).
+    job_rows = pd.DataFrame([json.loads(line) for line in (sweep / "sweep" / "trace-relation" / "aie.jsonl").read_text().splitlines()])
+    merged = aie.merge(job_rows, on=["name", "role", "layer"], suffixes=("", "_job"))
+    assert len(merged) == len(aie) == len(job_rows)
+    assert ((merged["aie"] - merged["aie_job"]).abs().fillna(0) < 1e-9).all()
+    table = (out / "table_editing.md").read_text()
+    assert "| rome | entity | entity | reliability |" in table and "99.93" in table
+
+    report_path = report.main(["--figures-dir", str(out), "--out", str(tmp_path / "reports" / "tiny_gpt2" / "report.md")])
+    text = report_path.read_text()
+    assert "../../figures/tiny_gpt2/severed.png" in text and "inconclusive" in text  # 2 facts, 2 cases: no verdicts
+
+
+def test_figure_commands_name_the_missing_job(tmp_path):
+    from pipeline import figures
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="fig-trace-entity"):
+        figures.main(["trace", "--perspective", "entity", "--sweep-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    with pytest.raises(DataError, match="table-editing"):
+        figures.main(["table", "--sweep-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
