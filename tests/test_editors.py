@@ -39,13 +39,7 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("editor_cache")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many small ops: on a shared 2-core machine one thread avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 1 torch thread (2 shared cores)
 
 
 def top_token(loaded, prompt: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from core.io import read_json, read_jsonl
 from pipeline.jobs import run_job
@@ -15,12 +14,7 @@ FAST = ["model=tiny_gpt2", "dataset=counterfact", "logger=none", "editor.layers=
         "stage.n_cases=2", "stage.n_resamples=20", "stage.progress=false"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 1 torch thread (2 shared cores)
 
 
 @pytest.mark.parametrize("editor", ["rome", "memit"])

@@ -4,7 +4,6 @@ job, the trace reused from the cache by a second job, and a killed job resuming 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from core.io import read_json, read_jsonl
 from helpers import write_known_user_facts
@@ -17,12 +16,7 @@ SMALL = ["model=tiny_gpt2", "logger=none", "editor.layers=[1]", "editor.stats.n_
          "stage.trace.severed=false"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 1 torch thread (2 shared cores)
 
 
 class Killed(BaseException):

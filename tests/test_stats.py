@@ -13,12 +13,7 @@ from models.hooks import run_with_cache
 TEXTS = ["The cat sat on the mat.", "Paris is the capital of France and a large city.", "One two three four five six seven."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 1 torch thread (2 shared cores)
 
 
 def test_second_moment_matches_a_direct_computation(tiny_model):

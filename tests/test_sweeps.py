@@ -78,3 +78,28 @@ def test_parallel_jobs_compute_a_shared_trace_once(tmp_path, tiny_gpt2):
     assert sorted(r["trace"]["n_from_cache"] for r in results) == [0, 2]
     entries = [p for p in (tmp_path / "cache" / "traces").iterdir() if p.is_dir()]
     assert len(entries) == 2, "one cache entry per fact, written once"
+
+
+@pytest.mark.slow
+def test_five_editor_sweep_joins_one_summary(tmp_path):
+    """The paper's five-editor sweep line (stage=edit) on a tiny model, after MEND's training job."""
+    env = {**os.environ, "KLOC_CACHE_DIR": str(ROOT / ".cache"), "WANDB_SILENT": "true"}
+    common = ["model=tiny_gpt2", "logger=none", f"paths.output_dir={tmp_path}", "sweep_name=five"]
+
+    def run(*args: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "pipeline.run", *args, *common], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-4000:]
+
+    run("stage=train_mend", "editor=mend", "stage.steps=4", "stage.val_every=2", "stage.n_val=2", "stage.progress=false")
+    run("-m", "stage=edit", "editor=ft,kn,mend,rome,memit", "perspective=entity,relation", "stage.n_cases=2",
+        "stage.n_resamples=20", "stage.progress=false")
+    run("stage=summarize")
+    summaries = list((tmp_path / "runs" / "five").glob("*stage=summarize*/summary.csv"))
+    assert len(summaries) == 1
+    import pandas as pd
+
+    frame = pd.read_csv(summaries[0])
+    assert set(frame["editor"]) == {"ft", "kn", "mend", "rome", "memit"}
+    pairs = set(zip(frame["editor"], frame["perspective"]))
+    assert len(pairs) == 10 and set(frame["side"]) == {"entity", "relation"}
