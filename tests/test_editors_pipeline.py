@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from core.io import read_json, read_jsonl
 from pipeline.jobs import run_job
@@ -93,3 +94,24 @@ def test_killed_edit_job_resumes_from_finished_groups(compose_config, tmp_path, 
     assert len(calls) == 2, "the rerun edits groups 1 and 2 only"
     assert results["n_cases"] == 3 and len(read_jsonl(job / "cases.jsonl")) == 3
     assert not (job / "progress").exists()
+
+
+def test_out_of_memory_in_an_edit_group_halves_the_group(compose_config, tmp_path, monkeypatch):
+    """A batched (MEMIT) edit that runs out of GPU memory is retried as smaller groups; the job finishes."""
+    import editors.base
+
+    cfg = compose_config("stage=edit", "editor=memit", "perspective=entity", *FAST, "stage.edit_batch_size=2")
+    original, sizes = editors.base.Editor.apply, []
+
+    def small_gpu_apply(self, loaded, requests):
+        sizes.append(len(requests))
+        if len(requests) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated: only one request fits)")
+        return original(self, loaded, requests)
+
+    monkeypatch.setattr(editors.base.Editor, "apply", small_gpu_apply)
+    results = run_job(cfg, tmp_path / "job")["results"]
+    assert sizes == [2, 1, 1] and results["n_cases"] == 2
+    rows = read_jsonl(tmp_path / "job" / "cases.jsonl")
+    assert len(rows) == 2 and all(row["post"]["entity.reliability"] is not None for row in rows)
+    assert all(row["edit"]["edit_seconds"] >= 0 for row in rows)
