@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
 TEMPLATES = ["The capital of {} is", "The mother tongue of {} is", "{} is located in", "{} works as a",
              "{} was born in", "The headquarters of {} are in", "{} plays the", "{} speaks"]
@@ -24,3 +25,20 @@ def write_known_user_facts(loaded, path: Path, n: int = 2) -> list[dict]:
     assert len(rows) >= n, "the tiny model predicts too few word tokens for this test"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[:n]))
     return rows[:n]
+
+
+def bias_only(boosts: dict[int, float]):
+    """A fresh tiny Llama whose logits are a fixed bias at every position (context-independent), so
+    every prompt's scores follow from a hand formula. Returns the model and a copy of the bias."""
+    from models import load_model
+
+    loaded = load_model("tiny_llama")
+    head = nn.Linear(loaded.adapter.d_model, loaded.adapter.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        for token, value in boosts.items():
+            head.bias[token] = value
+    head.requires_grad_(False)
+    loaded.model.lm_head = head
+    return loaded, head.bias.detach().clone()

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 from omegaconf import OmegaConf
-from torch import nn
 
 from core.errors import ConfigError, DataError
 from core.io import read_json, read_jsonl
@@ -16,6 +15,7 @@ from facts.relations import load_relation_table
 from facts.schema import Fact
 from metrics.aggregate import aggregate
 from metrics.evaluation import evaluate_cases, evaluation_rows, prepare_cases, relation_candidates, template_paraphrases
+from helpers import bias_only
 from models import load_model
 
 ENGLISH, FRENCH, NONE = 2321, 3432, 1943
@@ -34,20 +34,6 @@ def fact(case_id: int = 0, relation_id: str | None = "P103", **changes) -> Fact:
     return Fact(**values)
 
 
-def bias_only(boosts: dict[int, float]):
-    """A fresh tiny Llama whose logits are a fixed bias everywhere: every prompt's outcome is known."""
-    loaded = load_model("tiny_llama")
-    head = nn.Linear(loaded.adapter.d_model, loaded.adapter.vocab_size, bias=True)
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.zero_()
-        for token, value in boosts.items():
-            head.bias[token] = value
-    head.requires_grad_(False)
-    loaded.model.lm_head = head
-    return loaded, head.bias.detach().double()
-
-
 def nll(bias: torch.Tensor, tokens) -> float:
     log_z = torch.logsumexp(bias, dim=0).item()
     return sum(log_z - bias[t].item() for t in tokens) / len(tokens)
@@ -57,6 +43,7 @@ def test_rows_on_controlled_logits():
     """o* preferred everywhere, r's phrase top among all phrases and above "None"."""
     boosts = {ENGLISH: 4.0, FRENCH: 2.0, NONE: 1.0, NATIVE_LANGUAGE[0]: 9.0, NATIVE_LANGUAGE[1]: 9.0}
     loaded, bias = bias_only(boosts)
+    bias = bias.double()
     cases = prepare_cases([fact(0), fact(1, relation_id=None)], RELATIONS)
     assert cases[0].relation is not None and cases[1].relation is None
     n_templates = len(template_paraphrases(cases[0].fact, RELATIONS["P103"]))
@@ -92,6 +79,7 @@ def test_strict_rank_and_none_contrast_disagree():
     spoken_ids = load_model("tiny_llama").tokenizer(spoken, add_special_tokens=False)["input_ids"]
     boosts = {native: 5.0, language: 5.0, NONE: -5.0, **{t: 8.0 for t in spoken_ids}}
     loaded, bias = bias_only(boosts)
+    bias = bias.double()
     candidates = relation_candidates(RELATIONS)
     phrase_nll = {c: nll(bias, loaded.tokenizer(" " + c, add_special_tokens=False)["input_ids"]) for c in candidates[:-1]}
     own = phrase_nll["native language"]

@@ -6,29 +6,14 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from core.errors import DataError
-from models import Hooks, load_model
+from helpers import bias_only
+from models import Hooks
 from models.scoring import candidate_nll, encode_targets, target_nll
 
 PROMPTS = ["The capital of France is", "Danielle Darrieux's mother tongue is", "Hi", "In Rome, the official language is"]
 CANDIDATES = ["Paris", "London town", "French", "native language of the state"]
-
-
-def bias_only(boosts: dict[int, float]):
-    """A fresh tiny Llama whose logits are a fixed bias at every position (context-independent)."""
-    loaded = load_model("tiny_llama")
-    vocab = loaded.adapter.vocab_size
-    head = nn.Linear(loaded.adapter.d_model, vocab, bias=True)
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.zero_()
-        for token, value in boosts.items():
-            head.bias[token] = value
-    head.requires_grad_(False)
-    loaded.model.lm_head = head
-    return loaded, head.bias.detach().clone()
 
 
 def expected_nll(loaded, bias: torch.Tensor, target: str) -> float:
