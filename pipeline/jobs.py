@@ -3,7 +3,8 @@
 A job dir holds ``config.yaml`` (resolved), ``status.json`` (running -> done | failed, with the
 error's class/key/value/hint) and, last of all, ``results.json``: the done-marker. A job whose
 ``results.json`` exists is skipped unless ``force=true``. A stage may keep finished parts of an
-unfinished job in ``progress/`` (resumed on rerun, cleared by ``force=true``, removed once done).
+unfinished job in ``progress/`` (resumed on rerun, cleared here by ``force=true``; the stage removes it
+once its files are written).
 """
 
 from __future__ import annotations
@@ -74,7 +75,6 @@ def run_job(cfg: DictConfig, job_dir: Path, job_name: str = "defaults") -> dict:
         results = stage_function(stage)(cfg, job_dir, logger)
         payload = {"stage": stage, "job": job_name, "seconds": round(time.time() - started, 3), "results": results}
         atomic_write_json(job_dir / RESULTS, payload)
-        shutil.rmtree(job_dir / PROGRESS, ignore_errors=True)
         atomic_write_json(job_dir / STATUS, {"status": "done", "stage": stage, "started": started, "finished": time.time()})
         failed = False
         return payload

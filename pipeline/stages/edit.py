@@ -32,20 +32,19 @@ from metrics.aggregate import aggregate
 from metrics.evaluation import prepare_cases
 from metrics.report import render_markdown
 from models.load import LoadedModel
+from pipeline.jobs import PROGRESS
 from pipeline.stages.common import load_configured_facts, load_configured_model
 from pipeline.stages.scoring import ScoringSettings, score_cases, score_in_process
 
 log = logging.getLogger(__name__)
-
-PROGRESS_DIR = "progress"
 
 
 class EditProgress:
     """Finished work of an unfinished edit job: the pre-edit rows and one file per edited group.
 
     A killed job resumes from here (each file is written atomically once its group is scored);
-    ``run_job`` clears the directory when ``force=true`` and the stage deletes it once the job's
-    results are written. A group file is reused only if it holds the same case ids.
+    ``run_job`` clears the directory when ``force=true``, and ``clear`` deletes it once the job's
+    files are written. A group file is reused only if it holds the same case ids.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -130,8 +129,8 @@ def edit_cases(cfg: DictConfig, settings: EditStageConfig, loaded: LoadedModel, 
             return entity_request(case.fact)
         return relation_request(case.relation, lookup=settings.relation_lookup)
 
-    progress = EditProgress(job_dir / PROGRESS_DIR)
-    pre = progress.pre(lambda: score_cases(loaded, OmegaConf.to_object(cfg.model), cases, settings, cfg.paths.cache_dir))
+    progress = EditProgress(job_dir / PROGRESS)
+    pre = progress.pre(lambda: score_cases(loaded, OmegaConf.to_object(cfg.model), cases, relations, settings, cfg.paths.cache_dir))
     batch = settings.edit_batch_size or editor.default_edit_batch_size
     post: list[dict[str, Any]] = []
     edits: list[dict[str, Any]] = []
@@ -141,7 +140,7 @@ def edit_cases(cfg: DictConfig, settings: EditStageConfig, loaded: LoadedModel, 
     def edit_and_score(group: list) -> list[tuple[dict, dict]]:
         """One edit of ``group``, scored while in force, then restored: a (post row, edit info) per case."""
         with editor.apply(loaded, [request(case) for case in group]) as result:
-            rows = score_in_process(loaded, group, settings.batch_size)
+            rows = score_in_process(loaded, group, relations, settings.batch_size)
         return [(row, {**info, "case_id": case.case_id, "edit_seconds": result.seconds / len(group)})
                 for case, row, info in zip(group, rows, result.infos)]
 

@@ -60,7 +60,7 @@ def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
     relations = load_relation_table()
     cases = prepare_cases(facts[: settings.n_cases], relations, max_template_paraphrases=settings.max_template_paraphrases)
     scoring = time.time()
-    rows = score_cases(loaded, OmegaConf.to_object(cfg.model), cases, settings, cfg.paths.cache_dir)
+    rows = score_cases(loaded, OmegaConf.to_object(cfg.model), cases, relations, settings, cfg.paths.cache_dir)
     score_seconds = time.time() - scoring
     table = aggregate(rows, None, n_resamples=settings.n_resamples, confidence=settings.confidence, seed=cfg.seed)
     title = f"Unedited {loaded.identity.get('name', cfg.model.name)} on {cfg.dataset.name} ({len(rows)} cases)"

@@ -59,10 +59,7 @@ def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
                      "dataset": cfg.dataset.name}
     if settings.run_trace:
         def trace_step(directory: Path) -> dict:
-            from facts import load_facts
-
-            data_dir = Path(cfg.paths.data_dir) if cfg.paths.data_dir else None
-            facts = list(load_facts(settings.trace_dataset, data_dir=data_dir, cache_dir=cfg.paths.cache_dir))
+            facts = list(load_configured_facts(cfg, settings.trace_dataset))
             return trace_known_facts(cfg, settings.trace, loaded, facts, settings.trace_dataset.name, directory, logger)
 
         summary["trace"] = _step(job_dir / "trace", trace_step, force)

@@ -12,7 +12,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -46,28 +46,29 @@ class ScoringSettings:
         self.fabric.validate()
 
 
-def score_cases(loaded: LoadedModel, model: ModelConfig, cases: Sequence, settings: ScoringSettings,
-                cache_dir: str | Path) -> list[dict[str, Any]]:
+def score_cases(loaded: LoadedModel, model: ModelConfig, cases: Sequence, relations: Mapping[str, Any],
+                settings: ScoringSettings, cache_dir: str | Path) -> list[dict[str, Any]]:
     """Both-sided evaluation rows of ``cases`` for the model as it is now (in input order)."""
     if settings.fabric.devices == 1:
-        return score_in_process(loaded, list(cases), settings.batch_size, settings.progress)
-    task = functools.partial(_score_shard, model=model, cache_dir=str(cache_dir), batch_size=settings.batch_size)
+        return score_in_process(loaded, list(cases), relations, settings.batch_size, settings.progress)
+    task = functools.partial(_score_shard, model=model, relations=relations, cache_dir=str(cache_dir),
+                             batch_size=settings.batch_size)
     return map_sharded(task, list(cases), settings.fabric)
 
 
-def score_in_process(loaded: LoadedModel, cases: list, batch_size: int, progress: bool = False) -> list[dict[str, Any]]:
+def score_in_process(loaded: LoadedModel, cases: list, relations: Mapping[str, Any], batch_size: int,
+                     progress: bool = False) -> list[dict[str, Any]]:
     """Rows for the model as it is in this process (post-edit scoring never shards: the edit is here)."""
-    from facts.relations import load_relation_table
     from metrics.evaluation import evaluate_cases, evaluation_rows
 
-    scores = evaluate_cases(loaded, cases, load_relation_table(), batch_size=batch_size, progress=progress)
-    return evaluation_rows(scores)
+    return evaluation_rows(evaluate_cases(loaded, cases, relations, batch_size=batch_size, progress=progress))
 
 
-def _score_shard(cases: list, device: torch.device, *, model: ModelConfig, cache_dir: str, batch_size: int) -> list[dict]:
+def _score_shard(cases: list, device: torch.device, *, model: ModelConfig, relations: Mapping[str, Any], cache_dir: str,
+                 batch_size: int) -> list[dict]:
     """One rank's share: a model replica on ``device`` (unedited weights: shards score baselines)."""
     loaded = load_model(replica_config(model, device), cache_dir=cache_dir)
-    return score_in_process(loaded, cases, batch_size)
+    return score_in_process(loaded, cases, relations, batch_size)
 
 
 def replica_config(model: ModelConfig, device: torch.device) -> ModelConfig:
