@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 
 from core.errors import ConfigError, DataError
 from core.io import atomic_write_json, atomic_write_text, read_json
+from pipeline.jobs import finished_steps
 from tracing import TraceResult, severed_key
 from tracing.aggregate import RoleAIE, aggregate_aie
 from tracing.plots import plot_aie_curves, plot_role_heatmaps, plot_severed, save_figure
@@ -39,24 +40,14 @@ KINDS = ("hidden", "mlp", "attn")
 SEVERED = ("hidden", severed_key("mlp"), severed_key("attn"))
 
 
-def finished_jobs(sweep_dir: Path, stage: str, **match: str) -> list[Path]:
-    """Job dirs of ``stage`` under ``sweep_dir`` whose results match ``match`` (newest first)."""
-    jobs = []
-    for marker in Path(sweep_dir).rglob("results.json"):
-        payload = read_json(marker)
-        if payload.get("stage") != stage or not isinstance(payload.get("results"), dict):
-            continue
-        results = payload["results"]
-        if all(results.get(key) == value for key, value in match.items()):
-            jobs.append(marker.parent)
-    return sorted(jobs, key=lambda job: (job / "results.json").stat().st_mtime, reverse=True)
-
-
 def trace_job(sweep_dir: Path, perspective: str) -> Path:
-    jobs = finished_jobs(sweep_dir, "trace", perspective=perspective)
+    """The newest finished ``stage=trace`` job of ``perspective`` in the sweep."""
+    jobs = [directory for directory, results in finished_steps(sweep_dir, "trace", include_full=False)
+            if results.get("perspective") == perspective]
     if not jobs:
         raise DataError("sweep_dir", str(sweep_dir), f"holds no finished trace job for perspective={perspective}",
                         hint=f"run: make fig-trace-{perspective} (or python -m pipeline.run stage=trace perspective={perspective})")
+    jobs.sort(key=lambda job: (job / "results.json").stat().st_mtime, reverse=True)
     if len(jobs) > 1:
         log.warning("%d trace jobs for %s in %s; using the newest, %s", len(jobs), perspective, sweep_dir, jobs[0].name)
     return jobs[0]

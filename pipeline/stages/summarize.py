@@ -26,6 +26,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from core.errors import ConfigError
 from core.io import atomic_path, atomic_write_text, read_json, read_jsonl
+from pipeline.jobs import finished_steps
 from metrics.paper import PAPER_EDITING
 
 log = logging.getLogger(__name__)
@@ -41,22 +42,10 @@ class SummarizeStageConfig:
         "relation.reliability", "relation.generality", "relation.locality", "relation.removal", "relation.score"])
 
 
-def _finished(sweep_dir: Path, step: str, stage: str) -> list[tuple[Path, dict]]:
-    """(dir holding the step's files, its results) for jobs of ``stage`` or ``full`` jobs' ``step``."""
-    found = []
-    for marker in sorted(Path(sweep_dir).rglob("results.json")):
-        payload = read_json(marker)
-        if payload.get("stage") == stage:
-            found.append((marker.parent, payload["results"]))
-        elif payload.get("stage") == "full" and step in payload.get("results", {}):
-            found.append((marker.parent / step, payload["results"][step]))
-    return found
-
-
 def collect(sweep_dir: str | Path) -> pd.DataFrame:
     """Tidy edit rows: job, model, editor, perspective, side, metric, stage (pre/post), mean, low, high, n."""
     rows: list[dict[str, Any]] = []
-    for directory, summary in _finished(Path(sweep_dir), "edit", "edit"):
+    for directory, summary in finished_steps(sweep_dir, "edit"):
         if not (directory / "aggregates.json").exists():
             continue
         job = directory.name if directory.name != "edit" else directory.parent.name
@@ -75,7 +64,7 @@ def collect(sweep_dir: str | Path) -> pd.DataFrame:
 def collect_aie(sweep_dir: str | Path) -> pd.DataFrame:
     """Tidy AIE rows of every trace: job, model, perspective, name, role, layer, aie, low, high, tokens, n_facts."""
     frames = []
-    for directory, summary in _finished(Path(sweep_dir), "trace", "trace"):
+    for directory, summary in finished_steps(sweep_dir, "trace"):
         if not (directory / "aie.jsonl").exists():
             continue
         frame = pd.DataFrame(read_jsonl(directory / "aie.jsonl"))
