@@ -75,3 +75,11 @@ def test_full_job_with_editor_none_only_traces(compose_config, tiny_gpt2, tmp_pa
     cfg = compose_config("editor=none", *overrides, "stage.trace_dataset.name=user", f"stage.trace_dataset.path={facts}")
     results = run_job(cfg, tmp_path / "job")["results"]
     assert "trace" in results and "edit" not in results
+
+
+def test_bad_step_settings_name_their_full_key(compose_config, tmp_path):
+    from core.errors import ConfigError
+
+    for override, key in (("stage.trace.n_facts=0", "stage.trace.n_facts"), ("stage.edit.n_cases=0", "stage.edit.n_cases")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            run_job(compose_config("model=tiny_gpt2", "logger=none", override), tmp_path / key)

@@ -23,14 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from core.io import atomic_write_json, read_json
 from facts.config import DatasetConfig
+from pipeline.jobs import RESULTS
 from pipeline.stages.common import load_configured_facts, load_configured_model
 from pipeline.stages.edit import EditStageConfig, edit_cases
 from pipeline.stages.trace import TraceStageConfig, trace_known_facts
 
 log = logging.getLogger(__name__)
-
-STEP_DONE = "results.json"
-
 
 def _known_dataset() -> DatasetConfig:
     return DatasetConfig(name="known")
@@ -51,7 +49,7 @@ class FullStageConfig:
 def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
     settings: FullStageConfig = OmegaConf.to_object(cfg.stage)
     settings.edit.validate("stage.edit")
-    settings.trace.trace_settings(int(cfg.seed))  # validates before anything is loaded
+    settings.trace.trace_settings(int(cfg.seed), "stage.trace")  # validates before anything is loaded
     started = time.time()
     force = bool(cfg.get("force", False))
     loaded = load_configured_model(cfg)
@@ -74,7 +72,7 @@ def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
 
 def _step(directory: Path, compute: Callable[[Path], dict], force: bool) -> dict:
     """Run one step into ``directory`` unless its done-marker exists (a resumed job skips it)."""
-    marker = directory / STEP_DONE
+    marker = directory / RESULTS  # the same done-marker name as a job's
     if marker.exists() and not force:
         log.info("step %s already done; reusing it", directory.name)
         return {**read_json(marker), "reused": True}

@@ -56,14 +56,14 @@ class TraceStageConfig:
     # Shard the facts over several devices (one model replica each); devices=1 traces in-process.
     fabric: FabricConfig = field(default_factory=FabricConfig)
 
-    def trace_settings(self, seed: int) -> TraceSettings:
+    def trace_settings(self, seed: int, prefix: str = "stage") -> TraceSettings:
         if self.answer not in ("predicted", "true"):
-            raise ConfigError("stage.answer", self.answer, "unknown answer choice", hint="use predicted or true")
+            raise ConfigError(f"{prefix}.answer", self.answer, "unknown answer choice", hint="use predicted or true")
         if self.n_facts is not None and self.n_facts < 1:
-            raise ConfigError("stage.n_facts", self.n_facts, "must be >= 1 or null", hint="null traces every known fact")
+            raise ConfigError(f"{prefix}.n_facts", self.n_facts, "must be >= 1 or null", hint="null traces every known fact")
         self.fabric.validate()
         if not 0 < self.confidence < 1:
-            raise ConfigError("stage.confidence", self.confidence, "must be in (0, 1)", hint="e.g. 0.95")
+            raise ConfigError(f"{prefix}.confidence", self.confidence, "must be in (0, 1)", hint="e.g. 0.95")
         return TraceSettings(kinds=tuple(self.kinds), severed=("mlp", "attn") if self.severed else (),
                              window=self.window, samples=self.samples, noise=self.noise,
                              noise_scale=self.noise_scale, noise_factor=self.noise_factor, seed=seed)
