@@ -28,10 +28,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from core.errors import ConfigError, DataError
-from core.io import atomic_write_json, atomic_write_text, read_json
+from core.io import atomic_write_json, atomic_write_text, load_tensors, read_json
 from pipeline.jobs import finished_steps
-from tracing import TraceResult, severed_key
-from tracing.aggregate import RoleAIE, aggregate_aie
+from tracing import severed_key
+from tracing.aggregate import RoleAIE
 from tracing.plots import plot_aie_curves, plot_role_heatmaps, plot_severed, save_figure
 
 log = logging.getLogger(__name__)
@@ -54,28 +54,23 @@ def trace_job(sweep_dir: Path, perspective: str) -> Path:
 
 
 def job_aggregates(job_dir: Path) -> tuple[dict[str, RoleAIE], dict]:
-    """Re-aggregate a trace job's per-fact traces with the job's own bootstrap settings."""
-    results = [TraceResult.load(path.parent, path.stem) for path in sorted((job_dir / "traces").glob("case_*.json"))]
-    if not results:
-        raise DataError("job_dir", str(job_dir), "has no traces/case_*.json", hint="rerun the trace job with force=true")
-    config = _job_config(job_dir)
-    stage, seed = config.get("stage", {}), int(config.get("seed", 0))
-    names = sorted(set.intersection(*(set(result.scores) for result in results)))
-    aggregates = {name: aggregate_aie(results, name, int(stage.get("n_bootstrap", 1000)),
-                                      float(stage.get("confidence", 0.95)), seed) for name in names}
+    """A trace job's AIE aggregates, as the job stored them (``aie.safetensors``), and its summary."""
+    import yaml
+
+    path = job_dir / "aie.safetensors"
+    if not path.exists():
+        raise DataError("job_dir", str(job_dir), "has no aie.safetensors", hint="rerun the trace job with force=true")
+    tensors = load_tensors(path)
     summary = read_json(job_dir / "results.json")["results"]
-    meta = {"model": summary["model"], "n_layers": int(results[0].scores["hidden"].shape[1]),
-            "n_facts": len(results), "p_clean": summary["p_clean"], "p_corrupted": summary["p_corrupted"],
+    confidence = float(yaml.safe_load((job_dir / "config.yaml").read_text())["stage"]["confidence"])
+    names = sorted({key.rsplit(".", 1)[0] for key in tensors})
+    aggregates = {name: RoleAIE.from_tensors(tensors, name, summary["perspective"], summary["n_traced"], summary["p_clean"],
+                                             summary["p_corrupted"], confidence) for name in names}
+    meta = {"model": summary["model"], "n_layers": int(tensors["hidden.mean"].shape[1]),
+            "n_facts": summary["n_traced"], "p_clean": summary["p_clean"], "p_corrupted": summary["p_corrupted"],
             "perspective": summary["perspective"], "relation_span": summary.get("relation_span"),
             "settings": summary["settings"], "job": str(job_dir)}
     return aggregates, meta
-
-
-def _job_config(job_dir: Path) -> dict:
-    import yaml
-
-    path = job_dir / "config.yaml"
-    return yaml.safe_load(path.read_text()) if path.exists() else {}
 
 
 def write_trace(sweep_dir: Path, perspective: str, out: Path) -> list[Path]:

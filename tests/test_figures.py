@@ -77,7 +77,7 @@ def test_figure_commands_and_report(sweep, tmp_path):
     meta = read_json(out / "trace_entity.json")
     assert meta["n_layers"] == 4 and meta["n_facts"] == 2 and meta["perspective"] == "entity"
     aie = pd.read_csv(out / "trace_relation_aie.csv")
-    # The re-aggregated table equals the one the trace job wrote (same facts, same bootstrap seed).
+    # The table drawn from the job's aie.safetensors equals the rows the job wrote to aie.jsonl.
     job_rows = pd.DataFrame([json.loads(line) for line in (sweep / "sweep" / "trace-relation" / "aie.jsonl").read_text().splitlines()])
     merged = aie.merge(job_rows, on=["name", "role", "layer"], suffixes=("", "_job"))
     assert len(merged) == len(aie) == len(job_rows)

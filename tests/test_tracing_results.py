@@ -13,7 +13,7 @@ import torch
 from core.errors import DataError
 from helpers import write_known_user_facts
 from tracing import TraceResult, TraceSettings, embedding_std, trace
-from tracing.aggregate import aggregate_aie, bootstrap_ratio, role_sums
+from tracing.aggregate import RoleAIE, aggregate_aie, bootstrap_ratio, role_sums
 from tracing.api import perspective_char_spans
 from tracing.plots import plot_aie_curves, plot_role_heatmaps, plot_severed, plot_trace_grid
 from tracing.spans import contiguous_spans, corrupted_positions, token_positions, token_roles
@@ -80,6 +80,12 @@ def test_aggregate_by_role_hand_computed():
     assert agg.n_facts == 2 and abs(agg.p_corrupted - 0.15) < 1e-9
     rows = agg.rows()
     assert len(rows) == 12 and rows[0]["role"] == "first_corrupted"
+    back = RoleAIE.from_tensors(agg.tensors(), "hidden", agg.perspective, agg.n_facts, agg.p_clean, agg.p_corrupted,
+                                agg.confidence)
+    assert back.tokens.dtype == agg.tokens.dtype and len(back.rows()) == len(rows)
+    for got, want in zip(back.rows(), rows):  # exact round trip (NaN where a role is empty)
+        assert got.keys() == want.keys()
+        assert all(x == y or (isinstance(x, float) and math.isnan(x) and math.isnan(y)) for x, y in zip(got.values(), want.values()))
     with pytest.raises(DataError):
         aggregate_aie([a, _result(torch.zeros(4, 2), [0], 0.1, perspective="relation")], "hidden")
 

@@ -51,6 +51,14 @@ class RoleAIE:
         return {f"{self.name}.{key}": value for key, value in
                 (("mean", self.mean), ("low", self.low), ("high", self.high), ("tokens", self.tokens.float()))}
 
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], name: str, perspective: str, n_facts: int, p_clean: float,
+                     p_corrupted: float, confidence: float) -> "RoleAIE":
+        """The inverse of ``tensors`` (e.g. a trace job's ``aie.safetensors``), given what it does not store."""
+        return cls(name=name, perspective=perspective, mean=tensors[f"{name}.mean"], low=tensors[f"{name}.low"],
+                   high=tensors[f"{name}.high"], tokens=tensors[f"{name}.tokens"].long(), n_facts=n_facts,
+                   p_clean=p_clean, p_corrupted=p_corrupted, confidence=confidence)
+
 
 def role_sums(result: TraceResult, name: str) -> tuple[Tensor, Tensor]:
     """Per-role sums of AIE over the role's tokens ``[role layer]`` and the token counts ``[role]``."""
