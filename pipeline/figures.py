@@ -42,7 +42,7 @@ SEVERED = ("hidden", severed_key("mlp"), severed_key("attn"))
 
 def trace_job(sweep_dir: Path, perspective: str) -> Path:
     """The newest finished ``stage=trace`` job of ``perspective`` in the sweep."""
-    jobs = [directory for directory, results in finished_steps(sweep_dir, "trace", include_full=False)
+    jobs = [job_dir for job_dir, _, results in finished_steps(sweep_dir, "trace", include_full=False)
             if results.get("perspective") == perspective]
     if not jobs:
         raise DataError("sweep_dir", str(sweep_dir), f"holds no finished trace job for perspective={perspective}",

@@ -88,14 +88,14 @@ def run_job(cfg: DictConfig, job_dir: Path, job_name: str = "defaults") -> dict:
         logger.close(failed=failed)
 
 
-def finished_steps(sweep_dir: str | Path, step: str, include_full: bool = True) -> list[tuple[Path, dict]]:
-    """(dir holding the files, results) of every finished ``stage=<step>`` job under ``sweep_dir`` and,
-    with ``include_full``, of the ``<step>/`` step of every finished ``full`` job, in path order."""
+def finished_steps(sweep_dir: str | Path, step: str, include_full: bool = True) -> list[tuple[Path, Path, dict]]:
+    """(job dir, dir holding the step's files, results) of every finished ``stage=<step>`` job under
+    ``sweep_dir`` and, with ``include_full``, of the ``<step>/`` step of every finished ``full`` job."""
     found = []
     for marker in sorted(Path(sweep_dir).rglob(RESULTS)):
         payload = read_json(marker)
         if payload.get("stage") == step:
-            found.append((marker.parent, payload["results"]))
+            found.append((marker.parent, marker.parent, payload["results"]))
         elif include_full and payload.get("stage") == "full" and step in payload.get("results", {}):
-            found.append((marker.parent / step, payload["results"][step]))
+            found.append((marker.parent, marker.parent / step, payload["results"][step]))
     return found

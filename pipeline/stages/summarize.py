@@ -45,16 +45,15 @@ class SummarizeStageConfig:
 def collect(sweep_dir: str | Path) -> pd.DataFrame:
     """Tidy edit rows: job, model, editor, perspective, side, metric, stage (pre/post), mean, low, high, n."""
     rows: list[dict[str, Any]] = []
-    for directory, summary in finished_steps(sweep_dir, "edit"):
+    for job_dir, directory, summary in finished_steps(sweep_dir, "edit"):
         if not (directory / "aggregates.json").exists():
             continue
-        job = directory.name if directory.name != "edit" else directory.parent.name
         for row in read_json(directory / "aggregates.json")["rows"]:
             for stage in ("pre", "post"):
                 estimate = row.get(stage)
                 if not estimate:
                     continue
-                rows.append({"job": job, "model": summary["model"], "editor": summary["editor"],
+                rows.append({"job": job_dir.name, "model": summary["model"], "editor": summary["editor"],
                              "perspective": summary["perspective"], "n_cases": summary["n_cases"],
                              "side": row["metric"].split(".")[0], "metric": row["metric"].split(".", 1)[1], "stage": stage,
                              "mean": estimate["mean"], "low": estimate["low"], "high": estimate["high"], "n": estimate["n"]})
@@ -64,11 +63,11 @@ def collect(sweep_dir: str | Path) -> pd.DataFrame:
 def collect_aie(sweep_dir: str | Path) -> pd.DataFrame:
     """Tidy AIE rows of every trace: job, model, perspective, name, role, layer, aie, low, high, tokens, n_facts."""
     frames = []
-    for directory, summary in finished_steps(sweep_dir, "trace"):
+    for job_dir, directory, summary in finished_steps(sweep_dir, "trace"):
         if not (directory / "aie.jsonl").exists():
             continue
         frame = pd.DataFrame(read_jsonl(directory / "aie.jsonl"))
-        frame.insert(0, "job", directory.name if directory.name != "trace" else directory.parent.name)
+        frame.insert(0, "job", job_dir.name)
         frame.insert(1, "model", summary["model"])
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
