@@ -58,6 +58,7 @@ bench: setup
 #   make figures MODEL=gpt2_xl TRACE_FACTS=null TRACE_SAMPLES=10 EDIT_CASES=7500 MEND_STEPS=100000
 # and any other override goes in FIG_ARGS (e.g. FIG_ARGS="hydra/launcher=slurm model.dtype=bfloat16").
 FIG_SWEEP = figures_$(MODEL)
+FIG_SWEEP_DIR = outputs/sweeps/$(FIG_SWEEP)
 FIG_DIR = outputs/figures/$(MODEL)
 TRACE_FACTS ?= 10
 TRACE_SAMPLES ?= 5
@@ -71,17 +72,17 @@ TRACE_JOB = $(RUN) -m stage=trace dataset=known stage.n_facts=$(TRACE_FACTS) sta
 
 fig-trace-entity fig-trace-relation: fig-trace-%: setup
 	$(TRACE_JOB) perspective=$*
-	$(FIGURES) trace --perspective $* --sweep-dir outputs/sweeps/$(FIG_SWEEP) --out $(FIG_DIR)
+	$(FIGURES) trace --perspective $* --sweep-dir $(FIG_SWEEP_DIR) --out $(FIG_DIR)
 
 fig-severed: fig-trace-entity fig-trace-relation
-	$(FIGURES) severed --sweep-dir outputs/sweeps/$(FIG_SWEEP) --out $(FIG_DIR)
+	$(FIGURES) severed --sweep-dir $(FIG_SWEEP_DIR) --out $(FIG_DIR)
 
 train-mend: setup
 	$(RUN) stage=train_mend editor=mend stage.steps=$(MEND_STEPS) $(FIG_JOB)
 
 table-editing: setup $(if $(findstring mend,$(EDITORS)),train-mend)
 	$(RUN) -m stage=edit editor=$(EDITORS) perspective=entity,relation stage.n_cases=$(EDIT_CASES) $(FIG_JOB)
-	$(FIGURES) table --sweep-dir outputs/sweeps/$(FIG_SWEEP) --out $(FIG_DIR)
+	$(FIGURES) table --sweep-dir $(FIG_SWEEP_DIR) --out $(FIG_DIR)
 
 figures: fig-trace-entity fig-trace-relation fig-severed table-editing
 	@echo "figures and tables: $(FIG_DIR)/"
