@@ -63,3 +63,7 @@ class DataError(ToolkitError):
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "case_id": self.case_id}
+
+
+class ResourceError(ToolkitError):
+    """The machine ran out of something the job needs (disk space, a writable directory)."""

@@ -11,9 +11,9 @@ import hashlib
 import importlib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -50,6 +50,30 @@ class LoggerConfig:
 
 
 @dataclass
+class CacheConfig:
+    # Recompute a corrupt or truncated cache entry instead of failing on it (force=true does too).
+    repair: bool = MISSING
+
+
+@dataclass
+class RootConfig:
+    """The primary config's own keys, typed so that ``force=maybe`` or ``seed=abc`` fail at compose
+    time. The group nodes are typed by their own schemas; the values live in ``conf/config.yaml``."""
+
+    paths: Any = MISSING
+    model: Any = MISSING
+    dataset: Any = MISSING
+    perspective: Any = MISSING
+    editor: Any = MISSING
+    stage: Any = MISSING
+    logger: Any = MISSING
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    sweep_name: str = MISSING
+    seed: int = MISSING
+    force: bool = MISSING
+
+
+@dataclass
 class EditorConfig:
     """Base of every editor schema; ``none`` means no edit."""
 
@@ -57,7 +81,8 @@ class EditorConfig:
 
 
 # (group, schema name, "module:Class"): modules own their schemas, imported lazily here.
-SCHEMAS: list[tuple[str, str, str]] = [
+SCHEMAS: list[tuple[str | None, str, str]] = [
+    (None, "config_schema", "pipeline.config:RootConfig"),
     ("paths", "paths_schema", "pipeline.config:PathsConfig"),
     ("model", "model_schema", "models.config:ModelConfig"),
     ("dataset", "dataset_schema", "facts.config:DatasetConfig"),
@@ -85,6 +110,50 @@ def _load(spec: str) -> type:
 
 
 MAX_DIRNAME = 200  # file systems cap a name at 255 bytes
+MAX_SWEEP_NAME = 100
+MAX_SEED = 2**32 - 1  # numpy's RandomState and torch.Generator both take [0, 2**32)
+
+
+def check_sweep_name(name: Any) -> str:
+    """``sweep_name`` is one plain directory name under ``outputs/``: no ``/``, no ``..``, short."""
+    text = str(name)
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.,=+-]*", text) or len(text) > MAX_SWEEP_NAME:
+        raise ConfigError("sweep_name", text, f"not a plain directory name of at most {MAX_SWEEP_NAME} characters",
+                          hint="use letters, digits and _ . , = + - (no '/', no '..'), e.g. sweep_name=my_study")
+    return text
+
+
+def check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError("seed", seed, f"not an integer in [0, {MAX_SEED}]", hint="use e.g. seed=0")
+    return seed
+
+
+ROOT_CHECKS = {"sweep_name": check_sweep_name, "seed": check_seed}
+
+
+def check_cli_overrides(args: list[str]) -> None:
+    """Check ``sweep_name`` and ``seed`` overrides (every value of a sweep) before Hydra starts: a
+    bad one would otherwise fail inside Hydra's job-dir logic, or only after a sweep's first jobs."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    except Exception:  # noqa: BLE001 - a syntax error is Hydra's to report, with its own message
+        return
+    for override in overrides:
+        check = ROOT_CHECKS.get(override.key_or_group)
+        if check is None or override.is_delete():
+            continue
+        values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+        for value in values:
+            check(value)
+
+
+def validate_root(cfg: Any) -> None:
+    """Checks of the top-level keys that a type cannot express; run before a job does any work."""
+    check_sweep_name(cfg.sweep_name)
+    check_seed(cfg.seed)
 
 
 def dirname_from_overrides(override_dirname: str) -> str:
@@ -104,6 +173,8 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     for group, name, spec in SCHEMAS:
         store.store(group=group, name=name, node=_load(spec))
+    if not OmegaConf.has_resolver("kloc.sweep"):
+        OmegaConf.register_new_resolver("kloc.sweep", check_sweep_name)
     if not OmegaConf.has_resolver("kloc.cwd"):
         OmegaConf.register_new_resolver("kloc.cwd", lambda: os.getcwd())
     if not OmegaConf.has_resolver("kloc.dirname"):

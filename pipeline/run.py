@@ -6,13 +6,15 @@ Only the Hydra shell lives here; the work is ``pipeline.jobs.run_job`` and the s
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from pipeline.config import dirname_from_overrides, register_configs
+from core.errors import ConfigError
+from pipeline.config import check_cli_overrides, dirname_from_overrides, register_configs
 from pipeline.jobs import run_job
 
 register_configs()
@@ -28,4 +30,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:  # top-level values Hydra would only meet while making job dirs: named here, before any job
+        check_cli_overrides(sys.argv[1:])
+    except ConfigError as err:
+        sys.exit(f"Error: {err}")
     main()

@@ -42,3 +42,48 @@ def bias_only(boosts: dict[int, float]):
     head.requires_grad_(False)
     loaded.model.lm_head = head
     return loaded, head.bias.detach().clone()
+
+
+def race_identical_jobs(out_dir: str, trials: int) -> list[list[str]]:
+    """Start the same job twice at once (two forked processes), ``trials`` times; returns each trial's
+    two outcomes: ``computed``, ``skipped`` (found the results), ``waited+...`` (met the other's lock)
+    or ``crashed: ...``. Run it in a fresh process: forking a process whose torch threads already
+    ran can deadlock."""
+    import logging
+    import os
+
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import CONF_DIR, register_configs
+    from pipeline.jobs import run_job
+
+    register_configs()
+    outcomes = []
+    for trial in range(trials):
+        base = Path(out_dir) / f"trial{trial}"
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[
+                "stage=known", "model=tiny_gpt2", "dataset=known", "dataset.limit=50", "logger=none",
+                f"paths.output_dir={base}", f"paths.cache_dir={Path(out_dir) / 'cache'}"])
+        children = []
+        for child in range(2):
+            pid = os.fork()
+            if pid == 0:
+                records: list[str] = []
+                handler = logging.Handler()
+                handler.emit = lambda record: records.append(record.getMessage())
+                logging.getLogger().addHandler(handler)
+                logging.getLogger().setLevel(logging.INFO)
+                try:
+                    run_job(cfg, base / "job")
+                    text = "\n".join(records)
+                    outcome = ("waited+" if "waiting for it" in text else "") + ("skipped" if "skipping" in text else "computed")
+                except BaseException as err:  # noqa: BLE001 - reported to the parent
+                    outcome = f"crashed: {type(err).__name__}: {err}"
+                (base / f"outcome{child}").write_text(outcome)
+                os._exit(0)
+            children.append(pid)
+        for pid in children:
+            os.waitpid(pid, 0)
+        outcomes.append([(base / f"outcome{child}").read_text() for child in range(2)])
+    return outcomes
