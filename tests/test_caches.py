@@ -229,3 +229,28 @@ def _drop_dac_capabilities() -> None:
     for capability in (1, 2, 3):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER (from the bounding set)
         if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_sharded_trace_ranks_repair_too(compose_config, loaded, tmp_path, monkeypatch):
+    """Spawned ranks start with a fresh context: the stage hands them its repair switch."""
+    import contextvars
+
+    import pipeline.stages.trace as trace_stage
+
+    write_known_user_facts(loaded, tmp_path / "facts.jsonl")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "models").symlink_to(Path(os.environ["KLOC_CACHE_DIR"]).resolve() / "models")
+    overrides = ["stage=trace", "model=tiny_gpt2", "dataset=user", f"dataset.path={tmp_path / 'facts.jsonl'}", "logger=none",
+                 f"paths.cache_dir={tmp_path / 'cache'}", "stage.samples=2", "stage.window=2", "stage.n_bootstrap=20",
+                 "stage.plot_facts=0", "stage.progress=false", "stage.kinds=[hidden]", "stage.severed=false",
+                 "stage.fabric.accelerator=cpu"]
+    first = run_job(compose_config(*overrides), tmp_path / "job")["results"]
+    cache_kinds.truncate(sorted((tmp_path / "cache" / "traces").glob("*/trace.safetensors"))[0])
+
+    def ranks_in_a_fresh_context(task, items, config):  # what ddp_spawn ranks see, without spawning
+        return contextvars.Context().run(task, list(items), "cpu")
+
+    monkeypatch.setattr(trace_stage, "map_sharded", ranks_in_a_fresh_context)
+    with repairing(True):
+        again = run_job(compose_config(*overrides, "stage.fabric.devices=2"), tmp_path / "job2")["results"]
+    assert again["n_from_cache"] == first["n_traced"] - 1 and again["p_clean"] == first["p_clean"]
