@@ -172,6 +172,8 @@ class CacheEntry:
             self.dir.parent.mkdir(parents=True, exist_ok=True)
             lock = FileLock(str(self.dir) + ".lock", timeout=timeout)
             lock.acquire()
+        except TimeoutError:  # filelock.Timeout: busy, not unwritable
+            raise
         except OSError as err:
             raise CacheError("paths.cache_dir", str(self.root), f"cannot write the missing {self.kind} entry "
                              f"{self.dir.name} ({type(err).__name__}: {err})", WRITABLE_HINT) from err
