@@ -26,13 +26,14 @@ from tqdm.auto import tqdm
 
 from core.errors import ConfigError, DataError
 from core.hashing import CacheEntry
-from core.io import atomic_save_tensors, load_tensors
+from core.io import atomic_save_tensors
 from models.hooks import Hooks
 from models.load import LoadedModel
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"
+MOMENT_FILE = "mom2.safetensors"
 CORPORA = ("wikitext2", "wikitext103", "wikipedia", "files")
 WIKITEXT2_FILES = ("wikitext-2-raw/wiki.test.raw", "wikitext-2/valid.txt")  # ~0.45M words, ~4k paragraphs
 
@@ -183,20 +184,30 @@ def second_moments(
     if cache_dir is None:
         return accumulate_second_moments(loaded, layers, corpus_texts(config, data_dir), config.max_tokens, config.batch_size)[0]
     entries = {layer: CacheEntry(cache_dir, "second_moments", cache_key(loaded, layer, config)) for layer in layers}
-    missing = [layer for layer in layers if not entries[layer].done]
-    if missing:
+    moments = {layer: _read_moment(entries[layer]) for layer in layers}
+    missing = [layer for layer in layers if moments[layer] is None]
+    if missing:  # check, lock, check again: a complete cache is read without locks or writes
         with contextlib.ExitStack() as stack:
             for layer in missing:  # sorted order: no two processes wait on each other
                 stack.enter_context(entries[layer].lock())
-            missing = [layer for layer in missing if not entries[layer].done]
+            moments.update({layer: _read_moment(entries[layer]) for layer in missing})
+            missing = [layer for layer in missing if moments[layer] is None]
             if missing:
                 log.info("second moments for layers %s of %s (%s, %d samples)", missing, loaded.identity.get("name"),
                          config.corpus, config.n_samples)
                 texts = corpus_texts(config, data_dir)
-                moments, count = accumulate_second_moments(loaded, missing, texts, config.max_tokens, config.batch_size)
-                for layer, moment in moments.items():
-                    atomic_save_tensors(entries[layer].path("mom2.safetensors"), {"mom2": moment},
+                computed, count = accumulate_second_moments(loaded, missing, texts, config.max_tokens, config.batch_size)
+                for layer, moment in computed.items():
+                    entries[layer].clear()
+                    atomic_save_tensors(entries[layer].path(MOMENT_FILE), {"mom2": moment},
                                         metadata={"tokens": str(count), "samples": str(len(texts))})
                     entries[layer].mark_done()
+                    moments[layer] = moment
+    return {layer: moment.to(loaded.device) for layer, moment in moments.items()}
+
+
+def _read_moment(entry: CacheEntry) -> Tensor | None:
+    """The cached moment, or None when missing (or corrupt while repairing)."""
     # clone: the loaded tensor may be backed by the file's memory map
-    return {layer: load_tensors(entries[layer].path("mom2.safetensors"))["mom2"].clone().to(loaded.device) for layer in layers}
+    found, moment = entry.try_read(lambda e: e.read_tensors(MOMENT_FILE)["mom2"].clone())
+    return moment if found else None

@@ -17,7 +17,7 @@ import torch
 
 from core.errors import ConfigError
 from core.hashing import CacheEntry
-from core.io import atomic_write_json, read_json
+from core.io import atomic_write_json
 from models.load import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -48,15 +48,20 @@ def context_templates(
     if cache_dir is None:
         return _generate(loaded, spec, list(prompts), seed, top_k)
     entry = CacheEntry(cache_dir, "context_templates", key)
-    if entry.done:
-        return read_json(entry.path("templates.json"))
-    with entry.lock():
-        if not entry.done:
-            templates = _generate(loaded, spec, list(prompts), seed, top_k)
-            atomic_write_json(entry.path("templates.json"), templates)
-            entry.mark_done()
-            log.info("context templates cached in %s: %s", entry.dir, templates)
-    return read_json(entry.path("templates.json"))
+
+    def compute(entry: CacheEntry) -> list[str]:
+        templates = _generate(loaded, spec, list(prompts), seed, top_k)
+        atomic_write_json(entry.path("templates.json"), templates)
+        log.info("context templates cached in %s: %s", entry.dir, templates)
+        return templates
+
+    return entry.load_or_compute(lambda e: _checked_templates(e.read("templates.json")), compute)
+
+
+def _checked_templates(templates) -> list[str]:
+    if not isinstance(templates, list) or not all(isinstance(t, str) and "{}" in t for t in templates):
+        raise ValueError("expected a list of templates, each with '{}'")
+    return templates
 
 
 def _start_ids(loaded: LoadedModel, prompt: str | None) -> list[int]:

@@ -66,15 +66,27 @@ def knowledge_cache_entry(loaded, facts: Iterable[Fact], cache_dir: str | Path) 
 def knowledge_table(loaded, facts: list[Fact], cache_dir: str | Path, batch_size: int = 64) -> tuple[list[Knowledge], bool]:
     """All checks for ``facts`` (computed once per model and fact set); returns (rows, from_cache)."""
     entry = knowledge_cache_entry(loaded, facts, cache_dir)
-    with entry.lock():
-        if entry.done:
-            return [Knowledge(**row) for row in read_jsonl(entry.path("knowledge.jsonl"))], True
+    computed = False
+
+    def compute(entry: CacheEntry) -> list[Knowledge]:
+        nonlocal computed
         started = time.time()
         rows = check_knowledge(loaded, facts, batch_size)
         atomic_write_jsonl(entry.path("knowledge.jsonl"), [row.__dict__ for row in rows])
-        entry.mark_done()
         log.info("checked %d facts in %.1f s: %d known", len(facts), time.time() - started, sum(r.known for r in rows))
-        return rows, False
+        computed = True
+        return rows
+
+    rows = entry.load_or_compute(lambda e: _checked_rows(e.read_jsonl("knowledge.jsonl"), facts), compute)
+    return rows, not computed
+
+
+def _checked_rows(rows: list[dict], facts: list[Fact]) -> list[Knowledge]:
+    """One row per fact, in order (a truncated jsonl still parses line by line)."""
+    table = [Knowledge(**row) for row in rows]
+    if [row.case_id for row in table] != [fact.case_id for fact in facts]:
+        raise ValueError(f"{len(table)} rows for {len(facts)} facts, or in another order")
+    return table
 
 
 def known_facts(loaded, facts: Iterable[Fact], cache_dir: str | Path, batch_size: int = 64) -> list[Fact]:

@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional, Sequence
 
 from core.errors import ConfigError, DataError
 from core.hashing import CacheEntry, content_hash
-from core.io import atomic_write_json, read_json
+from core.io import atomic_write_json
 from facts.relations import RelationInfo
 from facts.schema import Fact
 from facts.templates import match_prompt
@@ -279,16 +279,19 @@ def build_relation_requests(
     if cache_dir is None:
         return _build(facts, relations, require_neighbor)
     entry = CacheEntry(cache_dir, "relation_requests", key)
-    with entry.lock():
-        if entry.done:
-            payload = read_json(entry.path("requests.json"))
-            report = RelationRequestReport(**{**payload["report"], "from_cache": True})
-            return RelationRequestSet([RelationRequest.from_dict(r) for r in payload["requests"]], report)
+
+    def read(entry: CacheEntry) -> RelationRequestSet:
+        payload = entry.read("requests.json")
+        report = RelationRequestReport(**{**payload["report"], "from_cache": True})
+        return RelationRequestSet([RelationRequest.from_dict(r) for r in payload["requests"]], report)
+
+    def compute(entry: CacheEntry) -> RelationRequestSet:
         result = _build(facts, relations, require_neighbor)
         atomic_write_json(entry.path("requests.json"),
                           {"report": asdict(result.report), "requests": [r.to_dict() for r in result.requests]}, indent=None)
-        entry.mark_done()
-    return result
+        return result
+
+    return entry.load_or_compute(read, compute)
 
 
 def _build(facts: Sequence[Fact], relations: dict[str, RelationInfo], require_neighbor: bool) -> RelationRequestSet:

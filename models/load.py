@@ -20,8 +20,7 @@ from transformers.utils import logging as hf_logging
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from core.errors import ConfigError, ModelError
-from core.hashing import file_sha256
-from core.io import atomic_write_json, read_json
+from core.hashing import CacheEntry, file_sha256
 from models.adapters import ArchitectureAdapter, adapter_for
 from models.config import DTYPES, SOURCES, ModelConfig
 from models.tiny import build_tiny_model
@@ -89,27 +88,46 @@ def _convert_embedded(cfg: ModelConfig, cache_dir: Path) -> tuple[Path, dict[str
     """Convert the packaged GGUF once into a safetensors checkpoint; returns (dir, identity)."""
     gguf = find_gguf(cfg.gguf_package or EMBEDDED_PACKAGE, cfg.gguf_file)
     sha = file_sha256(gguf)
-    target = cache_dir / "models" / f"{cfg.name}-{sha[:16]}"
     identity = {"name": cfg.name, "source": "embedded", "gguf": gguf.name, "gguf_sha256": sha}
-    marker = target / "converted.json"
-    if marker.exists() and read_json(marker) == identity:
-        return target, identity
-    log.info("converting %s to safetensors (once; cached in %s)", gguf.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    # transformers refuses save_pretrained on a GGUF-loaded model until the quantizer is dropped.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.name_or_path = cfg.name
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
-    atomic_write_json(marker, identity)
-    return target, identity
+    entry = CacheEntry(cache_dir, "models", identity, name=f"{cfg.name}-{sha[:16]}", marker="converted.json")
+
+    def convert(entry: CacheEntry) -> Path:
+        log.info("converting %s to safetensors (once; cached in %s)", gguf.name, entry.dir)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # transformers refuses save_pretrained on a GGUF-loaded model until the quantizer is dropped.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = cfg.name
+        staging = entry.dir.with_name(entry.dir.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, entry.dir)
+        return entry.dir
+
+    return entry.load_or_compute(_checked_conversion, convert), identity
+
+
+def _checked_conversion(entry: CacheEntry) -> Path:
+    """The converted dir, once its json files parse and its safetensors headers cover their files."""
+    for path in sorted(entry.dir.glob("*.json")):
+        entry.read(path.name)
+    weights = sorted(entry.dir.glob("*.safetensors"))
+    if not weights:
+        raise FileNotFoundError(f"no *.safetensors in {entry.dir}")
+    for path in weights:
+        entry.read(path.name, _tensor_names)
+    return entry.dir
+
+
+def _tensor_names(path: Path) -> list[str]:
+    """Parse a safetensors header (cheap): it fails when the file is shorter than the header says."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return list(handle.keys())
 
 
 def embedded_tokenizer(cache_dir: Path | None = None) -> PreTrainedTokenizerBase:

@@ -46,7 +46,27 @@ JOB_CASES: list[BadInput] = [
 ]
 
 # --- caches: corrupt, truncated or unreadable entries (core/hashing.py and every cache user) ---
+import cache_kinds  # noqa: E402  (one real entry of each kind, and how to damage it)
+from core.errors import CacheError  # noqa: E402
+
+
+def _reread_damaged(kind: cache_kinds.CacheKind) -> Callable[[BadInputContext], Any]:
+    def action(c: BadInputContext) -> Any:
+        loaded = cache_kinds.tiny_gpt2()
+        cache_kinds.fill_and_damage(kind, loaded, c.tmp_path)
+        return kind.fill(loaded, c.tmp_path)
+    return action
+
+
+def _unwritable_cache(c: BadInputContext) -> Any:
+    (c.tmp_path / "file").write_text("a file where the cache dir should be")
+    return cache_kinds.KINDS[0].fill(cache_kinds.tiny_gpt2(), c.tmp_path / "file")
+
+
 CACHE_CASES: list[BadInput] = [
+    *[BadInput(f"cache.{cache_kinds.case_id(kind)} truncated", _reread_damaged(kind), CacheError, f"cache.{kind.kind}")
+      for kind in cache_kinds.KINDS],
+    BadInput("paths.cache_dir not writable, entry missing", _unwritable_cache, CacheError, "paths.cache_dir"),
 ]
 
 # --- models, data files and stage inputs (models/, facts/, editors/, pipeline/stages/) ---

@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
-from core.errors import CacheError, ConfigError
+from core.errors import ConfigError
 from core.hashing import CacheEntry
 from facts.schema import Fact
 from models.load import LoadedModel
@@ -90,17 +90,20 @@ def trace(loaded: LoadedModel, prompt: str, subject: str | None = None, *, persp
     key = {"format": FORMAT_VERSION, "model": loaded.identity, "prompt": prompt, "char_spans": char_spans,
            "perspective": perspective, "answer": answer, "settings": settings.key(), "engine": engine}
     entry = CacheEntry(cache_dir, "traces", key)
-    with entry.lock():
-        if entry.done:
-            try:
-                result = TraceResult.load(entry.dir)
-                result.subject, result.case_id, result.from_cache = subject, case_id, True
-                return result
-            except CacheError as err:
-                log.warning("trace cache entry %s unreadable (%s); recomputing", entry.dir, err)
+
+    def compute(entry: CacheEntry) -> TraceResult:
         result = _compute(loaded, prompt, subject, perspective, char_spans, answer, settings, case_id, engine, max_rows, progress)
         result.save(entry.dir)
-        entry.mark_done()
+        return result
+
+    result = entry.load_or_compute(_read_trace, compute)
+    result.subject, result.case_id = subject, case_id
+    return result
+
+
+def _read_trace(entry: CacheEntry) -> TraceResult:
+    result = TraceResult.from_files(entry.read("trace.json"), entry.read_tensors("trace.safetensors"))
+    result.from_cache = True
     return result
 
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from core.errors import DataError
 from core.hashing import CacheEntry, content_hash
-from core.io import atomic_write_json, read_json
+from core.io import atomic_write_json
 from models.load import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -37,13 +37,13 @@ def embedding_std(loaded: LoadedModel, subjects: Sequence[str], cache_dir: str |
     if cache_dir is None:
         return _subject_std(loaded, subjects)
     entry = CacheEntry(cache_dir, "embedding_std", key)
-    with entry.lock():
-        if entry.done:
-            return float(read_json(entry.path("std.json"))["std"])
+
+    def compute(entry: CacheEntry) -> float:
         std = _subject_std(loaded, subjects)
         atomic_write_json(entry.path("std.json"), {"std": std, "n_subjects": len(subjects)})
-        entry.mark_done()
-    return std
+        return std
+
+    return entry.load_or_compute(lambda e: float(e.read("std.json")["std"]), compute)
 
 
 def _subject_std(loaded: LoadedModel, subjects: Sequence[str]) -> float:

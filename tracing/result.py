@@ -85,7 +85,11 @@ class TraceResult:
         meta_path, tensor_path = directory / f"{stem}.json", directory / f"{stem}.safetensors"
         if not meta_path.exists() or not tensor_path.exists():
             raise CacheError("trace", str(directory / stem), "trace files missing", hint="run the trace again")
-        meta = read_json(meta_path)
+        return cls.from_files(read_json(meta_path), load_tensors(tensor_path))
+
+    @classmethod
+    def from_files(cls, meta: dict, scores: dict[str, Tensor]) -> "TraceResult":
+        """A result from its ``.json`` metadata and its ``.safetensors`` tables."""
         if meta.get("format") != FORMAT_VERSION:
             raise CacheError("trace.format", meta.get("format"), f"expected format {FORMAT_VERSION}", hint="rerun with force=true")
         settings = {k: v for k, v in meta["settings"].items() if k != "format"}
@@ -93,7 +97,7 @@ class TraceResult:
             prompt=meta["prompt"], tokens=meta["tokens"], token_ids=meta["token_ids"], corrupted=meta["corrupted"],
             char_spans=[tuple(s) for s in meta["char_spans"]], perspective=meta["perspective"], answer=meta["answer"],
             answer_id=meta["answer_id"], p_clean=meta["p_clean"], p_corrupted=meta["p_corrupted"],
-            scores=load_tensors(tensor_path), settings=TraceSettings(**settings), subject=meta["subject"],
+            scores=scores, settings=TraceSettings(**settings), subject=meta["subject"],
             case_id=meta["case_id"], model=meta["model"], seconds=meta.get("seconds", 0.0),
         )
 

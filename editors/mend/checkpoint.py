@@ -9,13 +9,14 @@ checkpoint trained for another model, or for projections of another shape, is re
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from core.errors import ConfigError, ModelError
-from core.hashing import CacheEntry
-from core.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from core.errors import CacheError, ConfigError, ModelError
+from core.hashing import CacheEntry, corrupt_error, read_cached, repair_enabled
+from core.io import atomic_save_tensors, atomic_write_json, load_tensors
 from editors.mend.network import MendNetwork, NetworkConfig
 from models.load import LoadedModel
 
@@ -58,6 +59,7 @@ def cache_entry(cache_dir: str | Path, metadata: dict[str, Any]) -> CacheEntry:
 def save_to_cache(cache_dir: str | Path, network: MendNetwork, metadata: dict[str, Any]) -> Path:
     entry = cache_entry(cache_dir, metadata)
     with entry.lock():
+        entry.clear()
         save_checkpoint(entry.dir, network, metadata)
         entry.mark_done()
     return entry.dir
@@ -71,7 +73,17 @@ def find_checkpoint(cache_dir: str | Path | None, identity: dict[str, Any], laye
         meta_path = marker.parent / META
         if not meta_path.exists():
             continue
-        meta = read_json(meta_path)
+        try:
+            meta = read_cached(CACHE_KIND, meta_path)
+            if repair_enabled():
+                read_cached(CACHE_KIND, marker.parent / WEIGHTS, load_tensors)
+        except CacheError as err:
+            if not repair_enabled():
+                raise
+            log.warning("mend: removing corrupt cache entry %s (%s); retrain with stage=train_mend", marker.parent, err.problem)
+            marker.unlink(missing_ok=True)
+            shutil.rmtree(marker.parent, ignore_errors=True)
+            continue
         if meta.get("model") == identity and (layers is None or sorted(meta.get("layers", [])) == sorted(layers)):
             found.append((marker.stat().st_mtime, marker.parent))
     if not found:
@@ -90,7 +102,7 @@ def load_checkpoint(path: str | Path, loaded: LoadedModel, layers: Optional[Sequ
     directory = path.parent if path.suffix == ".safetensors" else path
     if not (directory / META).exists() or not (directory / WEIGHTS).exists():
         raise ConfigError("editor.checkpoint", str(path), f"no {WEIGHTS} + {META} there", "point at a train_mend job dir or its cache entry")
-    meta = read_json(directory / META)
+    meta = read_cached(CACHE_KIND, directory / META)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ConfigError("editor.checkpoint", str(path), f"format {meta.get('format_version')}, expected {FORMAT_VERSION}",
                           "retrain with stage=train_mend")
@@ -100,7 +112,11 @@ def load_checkpoint(path: str | Path, loaded: LoadedModel, layers: Optional[Sequ
         raise ConfigError("editor.layers", list(layers), f"the checkpoint edits layers {trained_layers}",
                           "set editor.layers to the checkpoint's layers or train for these")
     network = MendNetwork({int(k): tuple(v) for k, v in meta["shapes"].items()}, NetworkConfig(**meta["network"]))
-    network.load_state_dict(load_tensors(directory / WEIGHTS))
+    weights = read_cached(CACHE_KIND, directory / WEIGHTS, load_tensors)
+    try:
+        network.load_state_dict(weights)
+    except RuntimeError as err:  # missing or misshapen tensors: written by something else
+        raise corrupt_error(CACHE_KIND, directory / WEIGHTS, err, directory) from err
     network.to(loaded.device).eval()
     return network, meta
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from core.errors import ConfigError, DataError
+from core.hashing import repair_enabled, repairing
 from core.io import atomic_save_tensors, atomic_write_jsonl
 from facts.knowledge import known_facts
 from facts.relations import load_relation_table
@@ -97,7 +98,8 @@ def trace_known_facts(cfg: DictConfig, stage: TraceStageConfig, loaded: LoadedMo
     if stage.fabric.devices == 1:
         outcomes = trace_facts(loaded, chosen, progress=stage.progress, **options)
     else:
-        task = functools.partial(_trace_shard, model=OmegaConf.to_object(cfg.model), **options)
+        # spawned ranks start with a fresh context: hand them this stage's cache-repair switch
+        task = functools.partial(_trace_shard, model=OmegaConf.to_object(cfg.model), repair=repair_enabled(), **options)
         outcomes = map_sharded(task, chosen, stage.fabric)
     trace_seconds = time.time() - traced
     results, skipped, paths = [], [], []
@@ -151,10 +153,11 @@ def trace_facts(loaded: LoadedModel, facts: list, *, progress: bool = False, **o
     return outcomes
 
 
-def _trace_shard(facts: list, device, *, model, cache_dir: str, **options) -> list:
+def _trace_shard(facts: list, device, *, model, cache_dir: str, repair: bool = False, **options) -> list:
     """One rank's share: a model replica on ``device``; the per-fact cache is shared by all ranks."""
-    loaded = load_model(replica_config(model, device), cache_dir=cache_dir)
-    return trace_facts(loaded, facts, cache_dir=cache_dir, **options)
+    with repairing(repair):
+        loaded = load_model(replica_config(model, device), cache_dir=cache_dir)
+        return trace_facts(loaded, facts, cache_dir=cache_dir, **options)
 
 
 def _peaks(agg) -> dict:
