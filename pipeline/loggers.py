@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 # Settings of every run: no console capture, no system metrics (they also probe a cloud metadata
 # address), no system metadata.
 BASE_SETTINGS: dict[str, Any] = {"console": "off", "silent": True, "x_disable_stats": True, "x_disable_meta": True}
-# Offline runs also keep no git state, code, requirements or machine info (each would run git or
-# pip); ``mode`` goes into the global settings too, which is what turns wandb's telemetry off.
+# Offline runs also keep no git state (``git rev-parse``/``git config``), code, requirements list or
+# machine info; ``mode`` goes into the global settings too, which is what turns wandb's telemetry off.
 OFFLINE_SETTINGS: dict[str, Any] = {"mode": "offline", "disable_git": True, "disable_code": True, "save_code": False,
                                     "disable_job_creation": True, "x_disable_machine_info": True,
                                     "x_save_requirements": False}
