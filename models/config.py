@@ -18,6 +18,8 @@ class ModelConfig:
     # tiny: a random model built in code (tests).
     source: str = MISSING
     id: Optional[str] = None
+    # hub: the commit to load (conf/model pins a 40-hex SHA and cites where it comes from); None follows
+    # the repo's default branch, so a push to the hub repo can change results.
     revision: Optional[str] = None
     gguf_package: Optional[str] = None
     gguf_file: Optional[str] = None

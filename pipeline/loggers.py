@@ -2,17 +2,57 @@
 
 W&B runs carry ``group`` = sweep name and ``job_type`` = stage, the run name is the job's
 overrides, and the run id is a hash of (sweep, overrides) so a rerun resumes the same run.
+
+Offline means offline: with ``logger.mode=offline`` a job opens no network connection and runs no
+``git``. wandb 0.31 otherwise does both even for an offline run: its process-wide telemetry follows
+the *global* settings (online unless told), so ``run.log`` feeds an OpenTelemetry exporter that
+probes ``https://api.forge.coreweave.com`` at exit; and it runs ``git rev-parse`` / ``git config``
+for the code path and the run's git info. ``tests/test_offline.py`` checks this under strace.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 from core.hashing import content_hash
 
 log = logging.getLogger(__name__)
+
+# Settings of every run: no console capture, no system metrics (they also probe a cloud metadata
+# address), no system metadata.
+BASE_SETTINGS: dict[str, Any] = {"console": "off", "silent": True, "x_disable_stats": True, "x_disable_meta": True}
+# Offline runs also keep no git state (``git rev-parse``/``git config``), code, requirements list or
+# machine info; ``mode`` goes into the global settings too, which is what turns wandb's telemetry off.
+OFFLINE_SETTINGS: dict[str, Any] = {"mode": "offline", "disable_git": True, "disable_code": True, "save_code": False,
+                                    "disable_job_creation": True, "x_disable_machine_info": True,
+                                    "x_save_requirements": False}
+# Two switches wandb reads only from the environment, so they are set while wandb starts and
+# restored after: WANDB_DISABLE_GIT before the global settings first load (they run
+# ``git rev-parse`` before any Settings override applies), and WANDB_ERROR_REPORTING=false, which
+# starts wandb-core with --no-observability (no Sentry, no telemetry export) and disables the
+# Python telemetry recorder. wandb keeps its service and global settings for the whole process,
+# so a later online run in the same process keeps these offline choices.
+OFFLINE_ENVIRON: dict[str, str] = {"WANDB_DISABLE_GIT": "true", "WANDB_ERROR_REPORTING": "false"}
+
+
+@contextlib.contextmanager
+def scoped_environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then restore what was there."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class RunLogger(Protocol):
@@ -50,20 +90,26 @@ class WandbLogger:
         import wandb
 
         self._wandb = wandb
-        self.run = wandb.init(
-            dir=str(job_dir),
-            project=project,
-            entity=entity,
-            mode=mode,
-            group=group,
-            job_type=job_type,
-            name=name,
-            id=content_hash({"group": group, "name": name, "job_type": job_type}, length=12),
-            resume="allow",
-            config=config,
-            reinit="finish_previous",
-            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, x_disable_meta=True),
-        )
+        offline = mode == "offline"
+        settings = wandb.Settings(**BASE_SETTINGS, **(OFFLINE_SETTINGS if offline else {}))
+        with scoped_environ(OFFLINE_ENVIRON) if offline else contextlib.nullcontext():
+            if offline:
+                # The global settings, which wandb's telemetry and its service follow, not just this run's.
+                wandb.setup(settings=settings)
+            self.run = wandb.init(
+                dir=str(job_dir),
+                project=project,
+                entity=entity,
+                mode=mode,
+                group=group,
+                job_type=job_type,
+                name=name,
+                id=content_hash({"group": group, "name": name, "job_type": job_type}, length=12),
+                resume="allow",
+                config=config,
+                reinit="finish_previous",
+                settings=settings,
+            )
 
     def _safe(self, what: str, fn) -> None:
         try:
