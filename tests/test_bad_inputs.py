@@ -50,7 +50,15 @@ CACHE_CASES: list[BadInput] = [
 ]
 
 # --- models, data files and stage inputs (models/, facts/, editors/, pipeline/stages/) ---
+def _choices(ctx: BadInputContext, *overrides: str) -> None:
+    """The entry point's check of Hydra's recorded group choices (pipeline.choices)."""
+    from pipeline.choices import check_group_choices
+
+    check_group_choices(dict(ctx.compose(*overrides, return_hydra_config=True).hydra.runtime.choices))
+
+
 INPUT_CASES: list[BadInput] = [
+    BadInput("editor=rome_schema", lambda c: _choices(c, "editor=rome_schema"), ConfigError, "editor"),
 ]
 
 CASES = JOB_CASES + CACHE_CASES + INPUT_CASES
