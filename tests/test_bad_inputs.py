@@ -59,6 +59,10 @@ def _choices(ctx: BadInputContext, *overrides: str) -> None:
 
 INPUT_CASES: list[BadInput] = [
     BadInput("editor=rome_schema", lambda c: _choices(c, "editor=rome_schema"), ConfigError, "editor"),
+    BadInput("editor.name=memit on rome", lambda c: c.job("stage=edit", "editor=rome", "editor.name=memit"),
+             ConfigError, "editor.name"),
+    BadInput("editor.name=memit on rome (full)", lambda c: c.job("editor=rome", "editor.name=memit"),
+             ConfigError, "editor.name"),
 ]
 
 CASES = JOB_CASES + CACHE_CASES + INPUT_CASES

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from core.errors import ConfigError
 from core.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json, read_jsonl
 from core.memory import halving_map
-from editors import build_editor, entity_request, relation_request
+from editors import build_editor, check_editor_config, entity_request, relation_request
 from editors.requests import LOOKUPS
 from facts.relations import load_relation_table
 from metrics.aggregate import aggregate
@@ -97,6 +97,7 @@ class EditStageConfig(ScoringSettings):
 def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
     settings: EditStageConfig = OmegaConf.to_object(cfg.stage)
     settings.validate()
+    check_editor_config(OmegaConf.to_object(cfg.editor))  # before the model loads
     loaded = load_configured_model(cfg)
     return edit_cases(cfg, settings, loaded, list(load_configured_facts(cfg)), job_dir, logger)
 

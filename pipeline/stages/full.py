@@ -22,6 +22,7 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from core.io import atomic_write_json, read_json
+from editors import check_editor_config
 from facts.config import DatasetConfig
 from pipeline.jobs import RESULTS
 from pipeline.stages.common import load_configured_facts, load_configured_model
@@ -50,6 +51,7 @@ def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
     settings: FullStageConfig = OmegaConf.to_object(cfg.stage)
     settings.edit.validate("stage.edit")
     settings.trace.trace_settings(int(cfg.seed), "stage.trace")  # validates before anything is loaded
+    check_editor_config(OmegaConf.to_object(cfg.editor))
     started = time.time()
     force = bool(cfg.get("force", False))
     loaded = load_configured_model(cfg)
