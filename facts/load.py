@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from core.errors import ConfigError, DataError
+from core.paths import existing_file
 from facts import counterfact, known, user
 from facts.config import DatasetConfig
 from facts.relations import load_relation_table, load_template_table
@@ -147,8 +148,9 @@ def _formats(cfg: DatasetConfig, allowed: tuple[str, ...]) -> None:
 
 
 def _read_user(path: Optional[str]) -> str:
-    if not path or not Path(path).exists():
-        raise DataError("dataset.path", path, "user facts file does not exist", "point dataset.path at a jsonl file")
+    if not path:
+        raise DataError("dataset.path", path, "dataset=user needs a file", "point dataset.path at a jsonl file")
+    existing_file("dataset.path", path, DataError, "point dataset.path at a jsonl file")
     try:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

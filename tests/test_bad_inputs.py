@@ -50,11 +50,33 @@ CACHE_CASES: list[BadInput] = [
 ]
 
 # --- models, data files and stage inputs (models/, facts/, editors/, pipeline/stages/) ---
+from core.errors import DataError, ModelError  # noqa: E402 (this section's own imports)
+from facts import DatasetConfig, load_facts  # noqa: E402
+
 def _choices(ctx: BadInputContext, *overrides: str) -> None:
     """The entry point's check of Hydra's recorded group choices (pipeline.choices)."""
     from pipeline.choices import check_group_choices
 
     check_group_choices(dict(ctx.compose(*overrides, return_hydra_config=True).hydra.runtime.choices))
+
+
+def _dir(ctx: BadInputContext, name: str, files: tuple[str, ...] = ()) -> Path:
+    """A scratch directory holding empty ``files``."""
+    directory = ctx.tmp_path / name
+    directory.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        (directory / file).write_text("{}")
+    return directory
+
+
+def _file(ctx: BadInputContext, name: str, text: str = "") -> Path:
+    path = ctx.tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _local_model(ctx: BadInputContext, path: Path) -> dict:
+    return ctx.job("stage=known", "dataset=known", "model.source=local", f"model.id={path}")
 
 
 INPUT_CASES: list[BadInput] = [
@@ -63,6 +85,30 @@ INPUT_CASES: list[BadInput] = [
              ConfigError, "editor.name"),
     BadInput("editor.name=memit on rome (full)", lambda c: c.job("editor=rome", "editor.name=memit"),
              ConfigError, "editor.name"),
+    BadInput("local model: empty dir", lambda c: _local_model(c, _dir(c, "empty")), ModelError, "model.id"),
+    BadInput("local model: config.json, no weights",
+             lambda c: _local_model(c, _dir(c, "no_weights", ("config.json", "tokenizer.json"))), ModelError, "model.id"),
+    BadInput("local model: a file", lambda c: _local_model(c, _file(c, "model.safetensors")), ModelError, "model.id"),
+    BadInput("hub id that is an empty local dir",
+             lambda c: c.job("stage=known", "dataset=known", "model.source=hub", f"model.id={_dir(c, 'hub_empty')}"),
+             ModelError, "model.id"),
+    BadInput("paths.cache_dir is a file", lambda c: c.job("stage=known", "dataset=known",
+                                                          f"paths.cache_dir={_file(c, 'cache_file')}"),
+             ConfigError, "paths.cache_dir"),
+    BadInput("paths.cache_dir under a file", lambda c: c.job("stage=known", "dataset=known",
+                                                             f"paths.cache_dir={_file(c, 'cache_file')}/sub"),
+             ConfigError, "paths.cache_dir"),
+    BadInput("paths.data_dir is a file", lambda c: c.job("stage=known", "dataset=known",
+                                                         f"paths.data_dir={_file(c, 'data_file')}"),
+             ConfigError, "paths.data_dir"),
+    BadInput("paths.data_dir is a file (load_facts)",
+             lambda c: load_facts(DatasetConfig(name="known"), data_dir=_file(c, "data_file")), ConfigError, "paths.data_dir"),
+    BadInput("dataset.path is a dir (user)", lambda c: c.job("stage=known", "dataset=user", f"dataset.path={_dir(c, 'd')}"),
+             DataError, "dataset.path"),
+    BadInput("dataset.path is a dir (known)", lambda c: c.job("stage=known", "dataset=known", f"dataset.path={_dir(c, 'd')}"),
+             DataError, "dataset.path"),
+    BadInput("dataset.path is a dir (load_facts)",
+             lambda c: load_facts(DatasetConfig(name="counterfact", path=str(_dir(c, "d")))), DataError, "dataset.path"),
 ]
 
 CASES = JOB_CASES + CACHE_CASES + INPUT_CASES

@@ -404,3 +404,22 @@ def test_relation_requests_deterministic_cached_and_counted(all_cf, relations, t
         fact = all_cf.by_case_id()[request.case_id]
         if request.neighborhood_subject:
             assert request.neighborhood_subject in fact.neighborhood_prompts[0]
+
+
+def test_data_dir_that_is_a_file_is_refused_not_silently_replaced_by_the_bundle(tmp_path):
+    from core.errors import ConfigError
+    from facts import DatasetConfig, load_facts
+
+    (tmp_path / "data").write_text("")
+    with pytest.raises(ConfigError, match="paths.data_dir"):
+        load_facts(DatasetConfig(name="known"), data_dir=tmp_path / "data")
+
+
+@pytest.mark.parametrize("name", ["known", "counterfact", "user"])
+def test_dataset_path_that_is_a_directory_is_named(tmp_path, name):
+    from core.errors import DataError
+    from facts import DatasetConfig, load_facts
+
+    with pytest.raises(DataError, match="is a directory") as info:
+        load_facts(DatasetConfig(name=name, path=str(tmp_path)))
+    assert info.value.key == "dataset.path"
