@@ -84,3 +84,20 @@ def test_real_choices_pass_the_choice_check(compose_config):
 
     cfg = compose_config("editor=none", "model=tiny_gpt2", "experiment=demo", return_hydra_config=True)
     check_group_choices(dict(cfg.hydra.runtime.choices))  # editor_model=none_tiny_gpt2 is optional and absent: fine
+
+
+@pytest.mark.parametrize("stage", available_options("stage"))
+def test_demo_experiment_composes_with_every_stage(compose_config, stage):
+    cfg = compose_config("experiment=demo", f"stage={stage}")
+    OmegaConf.resolve(cfg)
+    assert cfg.stage.name == stage and cfg.model.name == "smollm2_135m"
+
+
+def test_demo_settings_reach_the_chosen_stage_and_both_steps_of_full(compose_config):
+    assert compose_config("experiment=demo", "stage=edit").stage.n_cases == 3
+    trace = compose_config("experiment=demo", "stage=trace").stage
+    assert (trace.n_facts, trace.samples, trace.severed, trace.plot_facts) == (2, 3, False, 2)
+    full = compose_config("experiment=demo").stage
+    assert full.name == "full" and full.edit.n_cases == 3 and full.trace == trace
+    plain = compose_config("stage=edit").stage  # without the experiment: the stage's own defaults
+    assert plain.n_cases == 100
