@@ -99,7 +99,7 @@ def _collect(
             _skip(report, error, strict=False)
             continue
         facts.append(fact)
-    return _finish(FactSet(facts, report))
+    return _require_some(_finish(FactSet(facts, report)), cfg)
 
 
 def _skip(report: LoadReport, error: DataError, strict: bool) -> None:
@@ -119,11 +119,33 @@ def _finish(facts: FactSet) -> FactSet:
             counts[fact.relation_id] = counts.get(fact.relation_id, 0) + 1
     report.relation_counts = dict(sorted(counts.items()))
     if report.skipped:
-        log.warning("%s: skipped %d of %d records as malformed (first: %s); strict=true raises instead",
-                    report.source, report.skipped, report.read, report.errors[0]["message"])
+        log.warning("%s: skipped %d of %d records as malformed (%s; first: %s); strict=true raises instead",
+                    report.source, report.skipped, report.read, _reasons(report), report.errors[0]["message"])
     log.info("%s: loaded %d facts from %s; relation id known for %.1f%%",
              report.source, report.loaded, report.origin, 100 * report.relation_coverage)
     return facts
+
+
+def _reasons(report: LoadReport) -> str:
+    return ", ".join(f"{count} x {reason}" for reason, count in report.skip_reasons().items())
+
+
+def _require_some(facts: FactSet, cfg: DatasetConfig) -> FactSet:
+    """An empty or entirely skipped load is an error here, where the file and the reasons are known.
+
+    Otherwise a stage later reports "no case can be edited" or "the model knows none of 0 facts"
+    with a hint to use another dataset, which hides that every record of the user's file was
+    rejected (and why). ``dataset.limit=0`` asks for nothing and gets nothing.
+    """
+    report = facts.report
+    if facts.facts or cfg.limit == 0:
+        return facts
+    key, value = ("dataset.path", cfg.path) if cfg.path else ("dataset", cfg.name)
+    if report.read == 0:
+        raise DataError(key, value, "holds no records", "put one JSON record per line (see conf/dataset/user.yaml)"
+                        if cfg.name == "user" else "point it at a non-empty data file")
+    raise DataError(key, value, f"all {report.read} records were skipped as malformed ({_reasons(report)})",
+                    f"fix the records (first: {report.errors[0]['message']}); dataset.strict=true stops at the first")
 
 
 def _only_with_relation(facts: FactSet) -> FactSet:

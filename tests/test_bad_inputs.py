@@ -107,6 +107,11 @@ INPUT_CASES: list[BadInput] = [
              DataError, "dataset.path"),
     BadInput("dataset.path is a dir (known)", lambda c: c.job("stage=known", "dataset=known", f"dataset.path={_dir(c, 'd')}"),
              DataError, "dataset.path"),
+    BadInput("empty user file", lambda c: c.job("stage=known", "dataset=user", f"dataset.path={_file(c, 'e.jsonl', chr(10))}"),
+             DataError, "dataset.path"),
+    BadInput("entirely skipped user file",
+             lambda c: c.job("stage=edit", "dataset=user", f"dataset.path={_file(c, 'bad.jsonl', '{}' + chr(10) + '[1]')}"),
+             DataError, "dataset.path"),
     BadInput("dataset.path is a dir (load_facts)",
              lambda c: load_facts(DatasetConfig(name="counterfact", path=str(_dir(c, "d")))), DataError, "dataset.path"),
 ]

@@ -26,7 +26,7 @@ from facts.knowledge import known_facts
 from facts.relations import load_relation_table
 from models.load import LoadedModel, load_model
 from pipeline.distributed import FabricConfig, map_sharded
-from pipeline.stages.common import load_configured_facts, load_configured_model
+from pipeline.stages.common import load_configured_facts, load_configured_model, with_load_summary
 from pipeline.stages.scoring import replica_config
 from tracing import TraceSettings, embedding_std, severed_key, trace_fact
 from tracing.aggregate import aggregate_aie
@@ -71,8 +71,9 @@ class TraceStageConfig:
 
 def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
     stage: TraceStageConfig = OmegaConf.to_object(cfg.stage)
+    facts = load_configured_facts(cfg)  # before the model: a bad file fails in a second, not after a load
     loaded = load_configured_model(cfg)
-    return trace_known_facts(cfg, stage, loaded, list(load_configured_facts(cfg)), cfg.dataset.name, job_dir, logger)
+    return with_load_summary(trace_known_facts(cfg, stage, loaded, list(facts), cfg.dataset.name, job_dir, logger), facts)
 
 
 def trace_known_facts(cfg: DictConfig, stage: TraceStageConfig, loaded: LoadedModel, facts: list, dataset: str,
