@@ -20,6 +20,7 @@ from facts.config import DatasetConfig
 from facts.relations import load_relation_table, load_template_table
 from facts.schema import Fact, FactSet, LoadReport
 from facts.sources import Resolved, identify, resolve
+from facts.validate import check_unique_case_ids
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def _collect(
             _skip(report, error, strict=False)
             continue
         facts.append(fact)
-    return _require_some(_finish(FactSet(facts, report)), cfg)
+    return _require_unique(_require_some(_finish(FactSet(facts, report)), cfg), cfg)
 
 
 def _skip(report: LoadReport, error: DataError, strict: bool) -> None:
@@ -146,6 +147,11 @@ def _require_some(facts: FactSet, cfg: DatasetConfig) -> FactSet:
                         if cfg.name == "user" else "point it at a non-empty data file")
     raise DataError(key, value, f"all {report.read} records were skipped as malformed ({_reasons(report)})",
                     f"fix the records (first: {report.errors[0]['message']}); dataset.strict=true stops at the first")
+
+
+def _require_unique(facts: FactSet, cfg: DatasetConfig) -> FactSet:
+    check_unique_case_ids(facts.facts, f"dataset.path={cfg.path}" if cfg.path else f"dataset={cfg.name}")
+    return facts
 
 
 def _only_with_relation(facts: FactSet) -> FactSet:

@@ -75,6 +75,25 @@ def _file(ctx: BadInputContext, name: str, text: str = "") -> Path:
     return path
 
 
+def _user_rows(*case_ids: int, subject: str = "Lyon", template: str = "The twin city of {} is") -> str:
+    """A user jsonl with one valid record per case id."""
+    import json
+
+    return "".join(json.dumps({"case_id": case_id, "subject": subject, "relation_id": "P190", "template": template,
+                               "object": "Beirut", "new_object": "Manila"}) + "\n" for case_id in case_ids)
+
+
+def _trace_duplicates(ctx: BadInputContext) -> dict:
+    """The trace stage's own function, given a list with a repeated case id (as a notebook might)."""
+    from facts.schema import Fact
+    from pipeline.stages.trace import TraceStageConfig, trace_known_facts
+
+    fact = Fact(case_id=4, subject="Lyon", relation_id="P190", template="The twin city of {} is",
+                prompt="The twin city of Lyon is", target_true="Beirut")
+    cfg = ctx.compose("stage=trace", "model=tiny_gpt2", "logger=none")
+    return trace_known_facts(cfg, TraceStageConfig(), None, [fact, fact], "user", ctx.tmp_path / "job", None)
+
+
 def _local_model(ctx: BadInputContext, path: Path) -> dict:
     return ctx.job("stage=known", "dataset=known", "model.source=local", f"model.id={path}")
 
@@ -112,6 +131,10 @@ INPUT_CASES: list[BadInput] = [
     BadInput("entirely skipped user file",
              lambda c: c.job("stage=edit", "dataset=user", f"dataset.path={_file(c, 'bad.jsonl', '{}' + chr(10) + '[1]')}"),
              DataError, "dataset.path"),
+    BadInput("stage=trace with duplicate case ids",
+             lambda c: c.job("stage=trace", "dataset=user", f"dataset.path={_file(c, 'dups.jsonl', _user_rows(0, 0))}"),
+             DataError, "case_id"),
+    BadInput("trace_known_facts with duplicate case ids (API)", lambda c: _trace_duplicates(c), DataError, "case_id"),
     BadInput("dataset.path is a dir (load_facts)",
              lambda c: load_facts(DatasetConfig(name="counterfact", path=str(_dir(c, "d")))), DataError, "dataset.path"),
 ]

@@ -455,3 +455,15 @@ def test_load_summary_counts_skips_by_reason(tmp_path):
     summary = load_facts(DatasetConfig(name="user", path=str(path))).report.summary()
     assert summary["n_read"] == 3 and summary["n_loaded"] == 1 and summary["n_skipped"] == 2
     assert summary["skip_reasons"] == {"target_true: must be a non-empty string": 1, "line: invalid JSON (Expecting property name enclosed in double quotes)": 1}
+
+
+def test_duplicate_case_ids_are_refused_with_every_duplicated_id(tmp_path):
+    path = tmp_path / "dups.jsonl"
+    rows = [{**GOOD_USER_ROW, "case_id": 7}, {**GOOD_USER_ROW, "case_id": 7}, {**GOOD_USER_ROW, "case_id": 1},
+            GOOD_USER_ROW, {**GOOD_USER_ROW, "case_id": 9}]  # the 4th has no case_id: its line number, 3
+    rows.append({**GOOD_USER_ROW, "case_id": 3})
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(DataError) as info:
+        load_facts(DatasetConfig(name="user", path=str(path)))
+    assert info.value.key == "case_id" and info.value.value == [3, 7]
+    assert "2 case ids occur more than once" in str(info.value)

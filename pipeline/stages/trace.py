@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from core.errors import ConfigError, DataError
 from core.io import atomic_save_tensors, atomic_write_jsonl
 from facts.knowledge import known_facts
+from facts.validate import check_unique_case_ids
 from facts.relations import load_relation_table
 from models.load import LoadedModel, load_model
 from pipeline.distributed import FabricConfig, map_sharded
@@ -80,6 +81,7 @@ def trace_known_facts(cfg: DictConfig, stage: TraceStageConfig, loaded: LoadedMo
                       job_dir: Path, logger) -> dict:
     """Trace the first ``stage.n_facts`` of ``facts`` the model knows; AIE tables and figures into ``job_dir``."""
     settings = stage.trace_settings(int(cfg.seed))
+    check_unique_case_ids(facts, f"the facts of {dataset}")  # one trace file per case id
     perspective, relation_span = cfg.perspective.name, cfg.perspective.relation_span
     cache_dir = cfg.paths.cache_dir
     started = time.time()
