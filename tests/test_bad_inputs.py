@@ -94,6 +94,17 @@ def _trace_duplicates(ctx: BadInputContext) -> dict:
     return trace_known_facts(cfg, TraceStageConfig(), None, [fact, fact], "user", ctx.tmp_path / "job", None)
 
 
+def _trace_split_subject(perspective: str):
+    """'Ital' in 'Italy': no token span is exactly the subject."""
+    from facts.schema import Fact
+    from models import load_model
+    from tracing import trace_fact
+
+    fact = Fact(case_id=0, subject="Ital", relation_id=None, template="The capital of {}y is",
+                prompt="The capital of Italy is", target_true="Rome")
+    return trace_fact(load_model("tiny_gpt2"), fact, perspective)
+
+
 def _local_model(ctx: BadInputContext, path: Path) -> dict:
     return ctx.job("stage=known", "dataset=known", "model.source=local", f"model.id={path}")
 
@@ -135,6 +146,8 @@ INPUT_CASES: list[BadInput] = [
              lambda c: c.job("stage=trace", "dataset=user", f"dataset.path={_file(c, 'dups.jsonl', _user_rows(0, 0))}"),
              DataError, "case_id"),
     BadInput("trace_known_facts with duplicate case ids (API)", lambda c: _trace_duplicates(c), DataError, "case_id"),
+    BadInput("subject splits a token (relation perspective)", lambda c: _trace_split_subject("relation"), DataError, "subject"),
+    BadInput("subject splits a token (entity perspective)", lambda c: _trace_split_subject("entity"), DataError, "subject"),
     BadInput("dataset.path is a dir (load_facts)",
              lambda c: load_facts(DatasetConfig(name="counterfact", path=str(_dir(c, "d")))), DataError, "dataset.path"),
 ]

@@ -32,6 +32,7 @@ from pipeline.stages.scoring import replica_config
 from tracing import TraceSettings, embedding_std, severed_key, trace_fact
 from tracing.aggregate import aggregate_aie
 from tracing.plots import plot_aie_curves, plot_role_heatmaps, plot_severed, plot_trace_grid
+from tracing.spans import check_subject_tokens
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,11 @@ def trace_known_facts(cfg: DictConfig, stage: TraceStageConfig, loaded: LoadedMo
     perspective, relation_span = cfg.perspective.name, cfg.perspective.relation_span
     cache_dir = cfg.paths.cache_dir
     started = time.time()
-    known = known_facts(loaded, facts, cache_dir, stage.knowledge_batch_size)
+    traceable, refused = _traceable(loaded, facts)
+    if not traceable:
+        raise DataError("subject", refused[0]["subject"], f"all {len(facts)} facts of {dataset} have a subject that starts "
+                        "or ends inside a token", hint=refused[0]["error"], case_id=refused[0]["case_id"])
+    known = known_facts(loaded, traceable, cache_dir, stage.knowledge_batch_size)
     chosen = known if stage.n_facts is None else known[: stage.n_facts]
     if not chosen:
         raise DataError("dataset", dataset, f"the model knows none of the {len(facts)} facts",
@@ -129,6 +134,8 @@ def trace_known_facts(cfg: DictConfig, stage: TraceStageConfig, loaded: LoadedMo
         "model": loaded.identity["name"], "dataset": dataset, "perspective": perspective, "relation_span": relation_span,
         "n_layers": loaded.adapter.n_layers,
         "n_facts": len(facts), "n_known": len(known), "n_traced": len(results), "skipped": skipped,
+        "refused": refused, "n_skipped": len(refused),
+        "skip_reasons": {"subject: starts or ends inside a token": len(refused)} if refused else {},
         "n_from_cache": sum(result.from_cache for result in results), "devices": stage.fabric.devices,
         "noise_scale": settings.noise_scale, "settings": settings.key(),
         "p_clean": sum(r.p_clean for r in results) / len(results),
@@ -140,6 +147,26 @@ def trace_known_facts(cfg: DictConfig, stage: TraceStageConfig, loaded: LoadedMo
                         f"trace/{perspective}/p_corrupted": summary["p_corrupted"],
                         f"trace/{perspective}/n_traced": len(results)})
     return summary
+
+
+def _traceable(loaded: LoadedModel, facts: list) -> tuple[list, list[dict]]:
+    """(facts whose subject is whole tokens, refusals with reasons; see ``check_subject_tokens``).
+
+    Checked before the known filter, so the first ``n_facts`` known facts are all traceable and a
+    refused fact is counted in ``n_skipped`` instead of silently tracing a widened span.
+    """
+    kept, refused = [], []
+    for fact in facts:
+        try:
+            check_subject_tokens(loaded.tokenizer, fact.prompt, fact.subject_char_span(), fact.subject, fact.case_id)
+        except DataError as err:
+            refused.append({"case_id": fact.case_id, "subject": fact.subject, "error": str(err)})
+            continue
+        kept.append(fact)
+    if refused:
+        log.warning("refused %d of %d facts whose subject starts or ends inside a token (first: %s)",
+                    len(refused), len(facts), refused[0]["error"])
+    return kept, refused
 
 
 def trace_facts(loaded: LoadedModel, facts: list, *, progress: bool = False, **options) -> list:
