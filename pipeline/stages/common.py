@@ -6,28 +6,24 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from core.errors import DataError
-from core.paths import existing_file, optional_dir, writable_dir
+from core.paths import optional_dir, writable_dir
 from models.load import LoadedModel, load_model
 
 
 def check_paths(cfg: DictConfig) -> None:
-    """Every user-given path of the job has the right kind (dir or file) before any work starts.
+    """The job's ``paths`` have the right kind before any work starts.
 
     ``paths.cache_dir`` and ``paths.output_dir`` must be (or become) directories; ``paths.data_dir``
     may be absent (the bundled copies are used) but never a file, which would silently mean the
-    same; ``dataset.path`` (and the full stage's ``trace_dataset.path``) must be files.
+    same. (``dataset.path`` is checked by ``facts.load_facts``, which stages call before the model.)
     """
     writable_dir("paths.cache_dir", cfg.paths.cache_dir)
     writable_dir("paths.output_dir", cfg.paths.output_dir)
     optional_dir("paths.data_dir", cfg.paths.data_dir)
-    for key, dataset in (("dataset", cfg.get("dataset")), ("stage.trace_dataset", cfg.stage.get("trace_dataset"))):
-        if dataset is not None and not OmegaConf.is_missing(dataset, "path") and dataset.get("path"):
-            existing_file(f"{key}.path", dataset.path, DataError, f"point {key}.path at the data file itself")
 
 
 def load_configured_model(cfg: DictConfig) -> LoadedModel:
-    check_paths(cfg)  # the model load is every stage's first piece of work
+    check_paths(cfg)  # before the load (stages that read facts have checked them already)
     return load_model(OmegaConf.to_object(cfg.model), cache_dir=cfg.paths.cache_dir)
 
 
