@@ -53,6 +53,7 @@ CACHE_CASES: list[BadInput] = [
 from core.errors import DataError, ModelError  # noqa: E402 (this section's own imports)
 from facts import DatasetConfig, load_facts  # noqa: E402
 
+
 def _choices(ctx: BadInputContext, *overrides: str) -> None:
     """The entry point's check of Hydra's recorded group choices (pipeline.choices)."""
     from pipeline.choices import check_group_choices
@@ -75,11 +76,11 @@ def _file(ctx: BadInputContext, name: str, text: str = "") -> Path:
     return path
 
 
-def _user_rows(*case_ids: int, subject: str = "Lyon", template: str = "The twin city of {} is") -> str:
+def _user_rows(*case_ids: int) -> str:
     """A user jsonl with one valid record per case id."""
     import json
 
-    return "".join(json.dumps({"case_id": case_id, "subject": subject, "relation_id": "P190", "template": template,
+    return "".join(json.dumps({"case_id": case_id, "subject": "Lyon", "relation_id": "P190", "template": "The twin city of {} is",
                                "object": "Beirut", "new_object": "Manila"}) + "\n" for case_id in case_ids)
 
 
