@@ -130,7 +130,7 @@ def edit_cases(cfg: DictConfig, settings: EditStageConfig, loaded: LoadedModel, 
     if perspective == "relation":
         facts = [fact for fact in facts if fact.relation_id in relations]
     if not facts:
-        why = f"of {n_loaded} facts, {without_new} have no new object, {unknown} are not known to the model (stage.known_only)"
+        why = f"of {n_loaded} facts, {without_new} have no new object, {unknown} are unknown to the model (stage.known_only)"
         if perspective == "relation":
             why += ", the rest have no relation id of facts/tables/relations.yaml"
         raise ConfigError("dataset", cfg.dataset.name, f"no case can be edited from the {perspective} perspective ({why})",

@@ -62,13 +62,19 @@ def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
     summary: dict = {"model": loaded.identity["name"], "editor": cfg.editor.name, "perspective": cfg.perspective.name,
                      "dataset": cfg.dataset.name}
     if trace_facts is not None:
-        summary["trace"] = _step(job_dir / "trace", lambda directory: with_load_summary(trace_known_facts(
-            cfg, settings.trace, loaded, list(trace_facts), settings.trace_dataset.name, directory, logger), trace_facts), force)
+        def trace_step(directory: Path) -> dict:
+            traced = trace_known_facts(cfg, settings.trace, loaded, list(trace_facts), settings.trace_dataset.name,
+                                       directory, logger)
+            return with_load_summary(traced, trace_facts)
+
+        summary["trace"] = _step(job_dir / "trace", trace_step, force)
     if settings.run_edit and not edits:
         log.info("editor=none: tracing only")
     if edit_facts is not None:
-        summary["edit"] = _step(job_dir / "edit", lambda directory: with_load_summary(edit_cases(
-            cfg, settings.edit, loaded, list(edit_facts), directory, logger), edit_facts), force)
+        def edit_step(directory: Path) -> dict:
+            return with_load_summary(edit_cases(cfg, settings.edit, loaded, list(edit_facts), directory, logger), edit_facts)
+
+        summary["edit"] = _step(job_dir / "edit", edit_step, force)
     summary["seconds"] = round(time.time() - started, 2)
     return summary
 
