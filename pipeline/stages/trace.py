@@ -86,11 +86,13 @@ def trace_known_facts(cfg: DictConfig, stage: TraceStageConfig, loaded: LoadedMo
     perspective, relation_span = cfg.perspective.name, cfg.perspective.relation_span
     cache_dir = cfg.paths.cache_dir
     started = time.time()
-    traceable, refused = _traceable(loaded, facts)
-    if not traceable:
+    refused = _refused(loaded, facts)
+    if facts and len(refused) == len(facts):
         raise DataError("subject", refused[0]["subject"], f"all {len(facts)} facts of {dataset} have a subject that starts "
                         "or ends inside a token", hint=refused[0]["error"], case_id=refused[0]["case_id"])
-    known = known_facts(loaded, traceable, cache_dir, stage.knowledge_batch_size)
+    # The known filter runs on every fact, so its cache entry is the one stage=known makes for this dataset.
+    refused_ids = {row["case_id"] for row in refused}
+    known = [fact for fact in known_facts(loaded, facts, cache_dir, stage.knowledge_batch_size) if fact.case_id not in refused_ids]
     chosen = known if stage.n_facts is None else known[: stage.n_facts]
     if not chosen:
         raise DataError("dataset", dataset, f"the model knows none of the {len(facts)} facts",
@@ -149,24 +151,22 @@ def trace_known_facts(cfg: DictConfig, stage: TraceStageConfig, loaded: LoadedMo
     return summary
 
 
-def _traceable(loaded: LoadedModel, facts: list) -> tuple[list, list[dict]]:
-    """(facts whose subject is whole tokens, refusals with reasons; see ``check_subject_tokens``).
+def _refused(loaded: LoadedModel, facts: list) -> list[dict]:
+    """Facts whose subject is not whole tokens (``check_subject_tokens``), with the reason for each.
 
-    Checked before the known filter, so the first ``n_facts`` known facts are all traceable and a
-    refused fact is counted in ``n_skipped`` instead of silently tracing a widened span.
+    Checked before any tracing, so the first ``n_facts`` known facts are all traceable and a refused
+    fact is counted in ``n_skipped`` instead of silently tracing a widened span.
     """
-    kept, refused = [], []
+    refused = []
     for fact in facts:
         try:
             check_subject_tokens(loaded.tokenizer, fact.prompt, fact.subject_char_span(), fact.subject, fact.case_id)
         except DataError as err:
             refused.append({"case_id": fact.case_id, "subject": fact.subject, "error": str(err)})
-            continue
-        kept.append(fact)
     if refused:
         log.warning("refused %d of %d facts whose subject starts or ends inside a token (first: %s)",
                     len(refused), len(facts), refused[0]["error"])
-    return kept, refused
+    return refused
 
 
 def trace_facts(loaded: LoadedModel, facts: list, *, progress: bool = False, **options) -> list:
