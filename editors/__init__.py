@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from pathlib import Path
 
@@ -20,9 +21,28 @@ EDITORS: dict[str, str] = {"rome": "editors.rome:Rome", "memit": "editors.memit:
                            "kn": "editors.kn:Kn", "mend": "editors.mend:Mend"}
 
 
+def check_editor_config(config) -> None:
+    """Refuse a config whose ``name`` is not the one its schema was made for.
+
+    ``editor.name=memit`` on ``editor=rome`` keeps ROME's schema and hyperparameters but would
+    pick MEMIT's module, which then fails on fields ROME's config lacks. The name is fixed by the
+    option yaml (each schema's default ``name``), so a changed name is always a mistake; stages
+    call this before loading the model.
+    """
+    name = getattr(config, "name", None)
+    fields = {f.name: f for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else {}
+    schema_name = fields["name"].default if "name" in fields else dataclasses.MISSING
+    if isinstance(schema_name, str) and schema_name != "???" and name != schema_name:
+        raise ConfigError("editor.name", name, f"the {schema_name} config (editor={schema_name}) cannot run another editor",
+                          f"choose the editor with editor={name}, not editor.name (the name comes with the option)")
+    if name != "none" and name not in EDITORS:
+        raise ConfigError("editor", name, "not an editor", f"use one of {', '.join(sorted(EDITORS))}")
+
+
 def build_editor(config, cache_dir: str | Path | None = None, data_dir: str | Path | None = None) -> Editor:
     """The editor named by ``config.name``, bound to its config and the cache/data dirs."""
-    name = getattr(config, "name", None)
+    check_editor_config(config)
+    name = config.name
     if name not in EDITORS:
         raise ConfigError("editor", name, "not an editor", f"use one of {', '.join(sorted(EDITORS))}")
     module, cls = EDITORS[name].split(":")
@@ -30,4 +50,4 @@ def build_editor(config, cache_dir: str | Path | None = None, data_dir: str | Pa
 
 
 __all__ = ["EDITORS", "EditRequest", "EditResult", "Editor", "LocateEditConfig", "Rewrite", "WeightDeltas", "applied",
-           "build_editor", "entity_request", "relation_request"]
+           "build_editor", "check_editor_config", "entity_request", "relation_request"]

@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from core.errors import ConfigError, DataError
+from core.paths import existing_file
 from facts import counterfact, known, user
 from facts.config import DatasetConfig
 from facts.relations import load_relation_table, load_template_table
 from facts.schema import Fact, FactSet, LoadReport
 from facts.sources import Resolved, identify, resolve
+from facts.validate import check_unique_case_ids
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,7 @@ def _collect(
             _skip(report, error, strict=False)
             continue
         facts.append(fact)
-    return _finish(FactSet(facts, report))
+    return _require_unique(_require_some(_finish(FactSet(facts, report)), cfg), cfg)
 
 
 def _skip(report: LoadReport, error: DataError, strict: bool) -> None:
@@ -118,10 +120,37 @@ def _finish(facts: FactSet) -> FactSet:
             counts[fact.relation_id] = counts.get(fact.relation_id, 0) + 1
     report.relation_counts = dict(sorted(counts.items()))
     if report.skipped:
-        log.warning("%s: skipped %d of %d records as malformed (first: %s); strict=true raises instead",
-                    report.source, report.skipped, report.read, report.errors[0]["message"])
+        log.warning("%s: skipped %d of %d records as malformed (%s; first: %s); strict=true raises instead",
+                    report.source, report.skipped, report.read, _reasons(report), report.errors[0]["message"])
     log.info("%s: loaded %d facts from %s; relation id known for %.1f%%",
              report.source, report.loaded, report.origin, 100 * report.relation_coverage)
+    return facts
+
+
+def _reasons(report: LoadReport) -> str:
+    return ", ".join(f"{count} x {reason}" for reason, count in report.skip_reasons().items())
+
+
+def _require_some(facts: FactSet, cfg: DatasetConfig) -> FactSet:
+    """An empty or entirely skipped load is an error here, where the file and the reasons are known.
+
+    Otherwise a stage later reports "no case can be edited" or "the model knows none of 0 facts"
+    with a hint to use another dataset, which hides that every record of the user's file was
+    rejected (and why). ``dataset.limit=0`` asks for nothing and gets nothing.
+    """
+    report = facts.report
+    if facts.facts or cfg.limit == 0:
+        return facts
+    key, value = ("dataset.path", cfg.path) if cfg.path else ("dataset", cfg.name)
+    if report.read == 0:
+        raise DataError(key, value, "holds no records", "put one JSON record per line (see conf/dataset/user.yaml)"
+                        if cfg.name == "user" else "point it at a non-empty data file")
+    raise DataError(key, value, f"all {report.read} records were skipped as malformed ({_reasons(report)})",
+                    f"fix the records (first: {report.errors[0]['message']}); dataset.strict=true stops at the first")
+
+
+def _require_unique(facts: FactSet, cfg: DatasetConfig) -> FactSet:
+    check_unique_case_ids(facts.facts, f"dataset.path={cfg.path}" if cfg.path else f"dataset={cfg.name}")
     return facts
 
 
@@ -147,8 +176,9 @@ def _formats(cfg: DatasetConfig, allowed: tuple[str, ...]) -> None:
 
 
 def _read_user(path: Optional[str]) -> str:
-    if not path or not Path(path).exists():
-        raise DataError("dataset.path", path, "user facts file does not exist", "point dataset.path at a jsonl file")
+    if not path:
+        raise DataError("dataset.path", path, "dataset=user needs a file", "point dataset.path at a jsonl file")
+    existing_file("dataset.path", path, DataError, "point dataset.path at a jsonl file")
     try:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

@@ -71,6 +71,10 @@ def corrupted_char_spans(
     ``relation`` is given), else (2) each piece with FUNCTION_WORDS and punctuation stripped at
     its edges (inner words stay: "{} is located in the country of" -> "located in the country");
     if nothing is left (e.g. "{}, in"), the "template" spans are returned.
+
+    Char spans become tokens by overlap, so a subject that starts or ends inside a token ("Ital" in
+    "Italy") has no exact token span: tracing refuses such a fact (``tracing.spans.check_subject_tokens``;
+    the trace stage skips and counts it) rather than widen the subject or corrupt its token as relation.
     """
     if perspective == "entity":
         return [fact.subject_char_span()]

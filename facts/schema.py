@@ -63,8 +63,20 @@ class LoadReport:
         """Fraction of loaded facts that have a relation id."""
         return (self.loaded - self.without_relation_id) / self.loaded if self.loaded else 0.0
 
+    def skip_reasons(self) -> dict[str, int]:
+        """Skipped records per reason (``key: problem``), most frequent first: the why behind ``skipped``."""
+        counts: dict[str, int] = {}
+        for error in self.errors:
+            reason = f"{error.get('key')}: {error.get('problem')}"
+            counts[reason] = counts.get(reason, 0) + 1
+        return dict(sorted(counts.items(), key=lambda item: -item[1]))
+
+    def summary(self) -> dict[str, Any]:
+        """What a stage puts in its results.json: records read, loaded and skipped, and why."""
+        return {"n_read": self.read, "n_loaded": self.loaded, "n_skipped": self.skipped, "skip_reasons": self.skip_reasons()}
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "relation_coverage": self.relation_coverage}
+        return {**asdict(self), "relation_coverage": self.relation_coverage, "skip_reasons": self.skip_reasons()}
 
 
 @dataclass

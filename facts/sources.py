@@ -21,12 +21,14 @@ from typing import Callable, Literal, Optional
 
 from core.errors import CacheError, ConfigError, DataError
 from core.io import atomic_path
+from core.paths import existing_file, optional_dir
 
 log = logging.getLogger(__name__)
 
 Origin = Literal["path", "data_dir", "bundled", "cache", "download"]
 
 PARAREL_BUNDLE = "pararel_patterns.json.gz"
+PATH_HINT = "point dataset.path at the data file itself, or remove dataset.path"
 
 
 @dataclass(frozen=True)
@@ -179,11 +181,10 @@ def resolve(
 ) -> Resolved:
     """Return the verified bytes of ``name`` from the first origin that has it."""
     spec = data_file(name)
+    data_dir = optional_dir("paths.data_dir", data_dir)  # a file here would silently mean "use the bundle"
     candidates: list[tuple[Origin, Path]] = []
     if path is not None:
-        if not Path(path).exists():
-            raise DataError("dataset.path", str(path), "file does not exist", "fix the path or remove dataset.path")
-        candidates.append(("path", Path(path)))
+        candidates.append(("path", existing_file("dataset.path", path, DataError, PATH_HINT)))
     elif data_dir is not None and (Path(data_dir) / spec.relative_path).exists():
         candidates.append(("data_dir", Path(data_dir) / spec.relative_path))
     for origin, file in candidates:
@@ -259,9 +260,7 @@ def wikitext(file: str = "wikitext-2-raw/wiki.test.raw", data_dir: str | Path | 
 
 def identify(path: str | Path, names: tuple[str, ...]) -> Resolved:
     """Read a user-given file that must be one of the published files ``names`` (by sha256)."""
-    file = Path(path)
-    if not file.exists():
-        raise DataError("dataset.path", str(path), "file does not exist", "fix the path or remove dataset.path")
+    file = existing_file("dataset.path", path, DataError, PATH_HINT)
     data = file.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     for name in names:

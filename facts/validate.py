@@ -7,7 +7,7 @@ to ``tables/relations.yaml`` (or None where the source has none).
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from core.errors import DataError
 from facts.schema import Fact
@@ -77,3 +77,20 @@ def make_fact(
         neighborhood_target=target(neighborhood_target, "neighborhood_target", case_id, allow_none=True),
         source=source,
     )
+
+
+def check_unique_case_ids(facts: Sequence[Fact], where: str) -> None:
+    """Case ids must be unique: they name each fact's trace and edit files and key its result rows.
+
+    Two records with one id would silently keep one trace file (``traces/case_<id>``) and one row
+    per id in an edit job, so loads and the trace stage refuse them, naming every duplicated id.
+    """
+    counts: dict[Any, int] = {}
+    for fact in facts:
+        counts[fact.case_id] = counts.get(fact.case_id, 0) + 1
+    duplicated = sorted(case_id for case_id, count in counts.items() if count > 1)
+    if duplicated:
+        shown = duplicated[:20] + (["..."] if len(duplicated) > 20 else [])
+        raise DataError("case_id", shown, f"{len(duplicated)} case ids occur more than once in {where}",
+                        "give each record its own case_id (a user file without case_id uses the line number)",
+                        case_id=duplicated[0])

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from core.errors import ConfigError, ModelError
 from core.hashing import CacheEntry, file_sha256
+from core.paths import writable_dir
 from models.adapters import ArchitectureAdapter, adapter_for
 from models.config import DTYPES, SOURCES, ModelConfig
 from models.tiny import build_tiny_model
@@ -64,6 +65,35 @@ def find_gguf(package: str = EMBEDDED_PACKAGE, filename: str | None = None) -> P
     if not path.exists():
         raise ModelError("model.gguf_file", str(path), "listed by the package but missing on disk", hint="reinstall: " + EMBEDDED_INSTALL_HINT)
     return path
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+SAVE_HINT = "save the model there with model.save_pretrained(dir) and tokenizer.save_pretrained(dir)"
+
+
+def check_local_model_dir(path: str | Path | None, key: str = "model.id") -> Path:
+    """A local checkpoint dir must hold config.json, weights and tokenizer files.
+
+    Checked before transformers sees it: otherwise an empty dir, a dir without weights or a file
+    all end in an OSError that reads like a failed download ("no network here?").
+    """
+    if not path:
+        raise ModelError(key, path, "model.source=local needs a directory", hint="set model.id=/path/to/checkpoint")
+    directory = Path(path)
+    if not directory.exists():
+        raise ModelError(key, str(path), "local model directory not found", hint="give the directory that holds config.json")
+    if not directory.is_dir():
+        raise ModelError(key, str(path), "is a file, not a directory", hint="give the directory that holds config.json")
+    if not any(directory.iterdir()):
+        raise ModelError(key, str(path), "the directory is empty", hint=SAVE_HINT)
+    if not (directory / "config.json").is_file():
+        raise ModelError(key, str(path), "no config.json in the directory", hint=SAVE_HINT)
+    if not any(any(directory.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        raise ModelError(key, str(path), "config.json but no weights (*.safetensors or pytorch_model*.bin)", hint=SAVE_HINT)
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(key, str(path), f"no tokenizer files (one of {', '.join(TOKENIZER_FILES)})", hint=SAVE_HINT)
+    return directory
 
 
 def _resolve_dtype(name: str) -> torch.dtype | str:
@@ -157,7 +187,7 @@ def load_model(cfg: ModelConfig | dict | str, cache_dir: str | Path | None = Non
         cfg = ModelConfig(**cfg)
     if cfg.source not in SOURCES:
         raise ConfigError("model.source", cfg.source, "unknown model source", hint=f"use one of {', '.join(SOURCES)}")
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache = writable_dir("paths.cache_dir", Path(cache_dir) if cache_dir else default_cache_dir())
     dtype = _resolve_dtype(cfg.dtype)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
@@ -178,12 +208,13 @@ def load_model(cfg: ModelConfig | dict | str, cache_dir: str | Path | None = Non
             location, identity = _convert_embedded(cfg, cache)
             location = str(location)
         elif cfg.source == "local":
-            if not cfg.id or not Path(cfg.id).is_dir():
-                raise ModelError("model.id", cfg.id, "local model directory not found", hint="give the directory that holds config.json")
+            check_local_model_dir(cfg.id)
             location, identity = cfg.id, {"name": cfg.name, "source": "local", "path": str(Path(cfg.id).resolve())}
         else:
             if not cfg.id:
                 raise ConfigError("model.id", cfg.id, "a hub model needs an id", hint="e.g. model.id=gpt2-xl")
+            if Path(cfg.id).exists():  # transformers reads an existing path as a local checkpoint
+                check_local_model_dir(cfg.id)
             location, identity = cfg.id, {"name": cfg.name, "source": "hub", "id": cfg.id, "revision": cfg.revision}
         if cfg.device_map:
             kwargs["device_map"] = cfg.device_map

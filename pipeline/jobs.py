@@ -31,7 +31,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from core.errors import CacheError, ConfigError, ResourceError, ToolkitError
-from core.hashing import content_hash, repairing
+from core.hashing import content_hash, repair_enabled, repairing
 from core.io import atomic_write_json, atomic_write_text, read_json
 from pipeline.config import validate_root
 from pipeline.fingerprint import comparable_config, config_diff
@@ -112,7 +112,7 @@ def _run_locked(cfg: DictConfig, job_dir: Path, job_name: str, comparable: dict,
                          config=OmegaConf.to_container(cfg, resolve=True))
     failed = True
     try:
-        with repairing(bool(cfg.cache.repair) or bool(cfg.force)):
+        with repairing(bool(cfg.cache.repair) or bool(cfg.force) or repair_enabled()):  # never turns a caller's off
             results = stage_function(stage)(cfg, job_dir, logger)
         payload = {"stage": stage, "job": job_name, "seconds": round(time.time() - started, 3),
                    "config_fingerprint": content_hash(comparable), "results": results}

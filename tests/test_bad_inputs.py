@@ -70,7 +70,110 @@ CACHE_CASES: list[BadInput] = [
 ]
 
 # --- models, data files and stage inputs (models/, facts/, editors/, pipeline/stages/) ---
+from core.errors import DataError, ModelError  # noqa: E402 (this section's own imports)
+from facts import DatasetConfig, load_facts  # noqa: E402
+
+
+def _choices(ctx: BadInputContext, *overrides: str) -> None:
+    """The entry point's check of Hydra's recorded group choices (pipeline.choices)."""
+    from pipeline.choices import check_group_choices
+
+    check_group_choices(dict(ctx.compose(*overrides, return_hydra_config=True).hydra.runtime.choices))
+
+
+def _dir(ctx: BadInputContext, name: str, files: tuple[str, ...] = ()) -> Path:
+    """A scratch directory holding empty ``files``."""
+    directory = ctx.tmp_path / name
+    directory.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        (directory / file).write_text("{}")
+    return directory
+
+
+def _file(ctx: BadInputContext, name: str, text: str = "") -> Path:
+    path = ctx.tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _user_rows(*case_ids: int) -> str:
+    """A user jsonl with one valid record per case id."""
+    import json
+
+    return "".join(json.dumps({"case_id": case_id, "subject": "Lyon", "relation_id": "P190", "template": "The twin city of {} is",
+                               "object": "Beirut", "new_object": "Manila"}) + "\n" for case_id in case_ids)
+
+
+def _trace_duplicates(ctx: BadInputContext) -> dict:
+    """The trace stage's own function, given a list with a repeated case id (as a notebook might)."""
+    from facts.schema import Fact
+    from pipeline.stages.trace import TraceStageConfig, trace_known_facts
+
+    fact = Fact(case_id=4, subject="Lyon", relation_id="P190", template="The twin city of {} is",
+                prompt="The twin city of Lyon is", target_true="Beirut")
+    cfg = ctx.compose("stage=trace", "model=tiny_gpt2", "logger=none")
+    return trace_known_facts(cfg, TraceStageConfig(), None, [fact, fact], "user", ctx.tmp_path / "job", None)
+
+
+def _trace_split_subject(perspective: str):
+    """'Ital' in 'Italy': no token span is exactly the subject."""
+    from facts.schema import Fact
+    from models import load_model
+    from tracing import trace_fact
+
+    fact = Fact(case_id=0, subject="Ital", relation_id=None, template="The capital of {}y is",
+                prompt="The capital of Italy is", target_true="Rome")
+    return trace_fact(load_model("tiny_gpt2"), fact, perspective)
+
+
+def _local_model(ctx: BadInputContext, path: Path) -> dict:
+    return ctx.job("stage=known", "dataset=known", "model.source=local", f"model.id={path}")
+
+
 INPUT_CASES: list[BadInput] = [
+    BadInput("editor=rome_schema", lambda c: _choices(c, "editor=rome_schema"), ConfigError, "editor"),
+    BadInput("editor.name=memit on rome", lambda c: c.job("stage=edit", "editor=rome", "editor.name=memit"),
+             ConfigError, "editor.name"),
+    BadInput("editor.name=memit on rome (full)", lambda c: c.job("editor=rome", "editor.name=memit"),
+             ConfigError, "editor.name"),
+    BadInput("local model: empty dir", lambda c: _local_model(c, _dir(c, "empty")), ModelError, "model.id"),
+    BadInput("local model: config.json, no weights",
+             lambda c: _local_model(c, _dir(c, "no_weights", ("config.json", "tokenizer.json"))), ModelError, "model.id"),
+    BadInput("local model: a file", lambda c: _local_model(c, _file(c, "model.safetensors")), ModelError, "model.id"),
+    BadInput("hub id that is an empty local dir",
+             lambda c: c.job("stage=known", "dataset=known", "model.source=hub", f"model.id={_dir(c, 'hub_empty')}"),
+             ModelError, "model.id"),
+    BadInput("paths.cache_dir is a file", lambda c: c.job("stage=known", "dataset=known",
+                                                          f"paths.cache_dir={_file(c, 'cache_file')}"),
+             ConfigError, "paths.cache_dir"),
+    BadInput("paths.cache_dir under a file", lambda c: c.job("stage=known", "dataset=known",
+                                                             f"paths.cache_dir={_file(c, 'cache_file')}/sub"),
+             ConfigError, "paths.cache_dir"),
+    BadInput("paths.data_dir is a file", lambda c: c.job("stage=known", "dataset=known",
+                                                         f"paths.data_dir={_file(c, 'data_file')}"),
+             ConfigError, "paths.data_dir"),
+    BadInput("paths.output_dir is a file", lambda c: c.job("stage=known", "dataset=known",
+                                                           f"paths.output_dir={_file(c, 'out_file')}"),
+             ConfigError, "paths.output_dir"),
+    BadInput("paths.data_dir is a file (load_facts)",
+             lambda c: load_facts(DatasetConfig(name="known"), data_dir=_file(c, "data_file")), ConfigError, "paths.data_dir"),
+    BadInput("dataset.path is a dir (user)", lambda c: c.job("stage=known", "dataset=user", f"dataset.path={_dir(c, 'd')}"),
+             DataError, "dataset.path"),
+    BadInput("dataset.path is a dir (known)", lambda c: c.job("stage=known", "dataset=known", f"dataset.path={_dir(c, 'd')}"),
+             DataError, "dataset.path"),
+    BadInput("empty user file", lambda c: c.job("stage=known", "dataset=user", f"dataset.path={_file(c, 'e.jsonl', chr(10))}"),
+             DataError, "dataset.path"),
+    BadInput("entirely skipped user file",
+             lambda c: c.job("stage=edit", "dataset=user", f"dataset.path={_file(c, 'bad.jsonl', '{}' + chr(10) + '[1]')}"),
+             DataError, "dataset.path"),
+    BadInput("stage=trace with duplicate case ids",
+             lambda c: c.job("stage=trace", "dataset=user", f"dataset.path={_file(c, 'dups.jsonl', _user_rows(0, 0))}"),
+             DataError, "case_id"),
+    BadInput("trace_known_facts with duplicate case ids (API)", lambda c: _trace_duplicates(c), DataError, "case_id"),
+    BadInput("subject splits a token (relation perspective)", lambda c: _trace_split_subject("relation"), DataError, "subject"),
+    BadInput("subject splits a token (entity perspective)", lambda c: _trace_split_subject("entity"), DataError, "subject"),
+    BadInput("dataset.path is a dir (load_facts)",
+             lambda c: load_facts(DatasetConfig(name="counterfact", path=str(_dir(c, "d")))), DataError, "dataset.path"),
 ]
 
 CASES = JOB_CASES + CACHE_CASES + INPUT_CASES

@@ -7,7 +7,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from pipeline.config import available_options
+from pipeline.config import SCHEMAS, available_options
 
 GROUPS = ("model", "dataset", "perspective", "editor", "stage", "logger", "experiment")
 
@@ -65,3 +65,39 @@ def test_long_override_lists_get_short_distinct_dirnames():
     assert len(a) <= MAX_DIRNAME and len(b) <= MAX_DIRNAME and a != b
     assert a == dirname_from_overrides(long_a), "deterministic, so a rerun finds the same job dir"
     assert dirname_from_overrides("editor=rome,perspective=entity") == "editor=rome,perspective=entity"
+
+
+@pytest.mark.parametrize("group,schema", [(g, s) for g, s, _ in SCHEMAS if g in GROUPS])
+def test_schema_choice_is_refused_with_the_real_options(compose_config, group, schema):
+    from core.errors import ConfigError
+    from pipeline.choices import check_group_choices
+
+    cfg = compose_config(f"{group}={schema}", return_hydra_config=True)
+    with pytest.raises(ConfigError) as info:
+        check_group_choices(dict(cfg.hydra.runtime.choices))
+    assert info.value.key == group and info.value.value == schema
+    assert all(option in info.value.hint for option in available_options(group))
+
+
+def test_real_choices_pass_the_choice_check(compose_config):
+    from pipeline.choices import check_group_choices
+
+    cfg = compose_config("editor=none", "model=tiny_gpt2", "experiment=demo", return_hydra_config=True)
+    check_group_choices(dict(cfg.hydra.runtime.choices))  # editor_model=none_tiny_gpt2 is optional and absent: fine
+
+
+@pytest.mark.parametrize("stage", available_options("stage"))
+def test_demo_experiment_composes_with_every_stage(compose_config, stage):
+    cfg = compose_config("experiment=demo", f"stage={stage}")
+    OmegaConf.resolve(cfg)
+    assert cfg.stage.name == stage and cfg.model.name == "smollm2_135m"
+
+
+def test_demo_settings_reach_the_chosen_stage_and_both_steps_of_full(compose_config):
+    assert compose_config("experiment=demo", "stage=edit").stage.n_cases == 3
+    trace = compose_config("experiment=demo", "stage=trace").stage
+    assert (trace.n_facts, trace.samples, trace.severed, trace.plot_facts) == (2, 3, False, 2)
+    full = compose_config("experiment=demo").stage
+    assert full.name == "full" and full.edit.n_cases == 3 and full.trace == trace
+    plain = compose_config("stage=edit").stage  # without the experiment: the stage's own defaults
+    assert plain.n_cases == 100

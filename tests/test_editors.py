@@ -274,3 +274,13 @@ def test_snapshot_is_a_copy(tiny_gpt2):
     name = mlp_out_name(tiny_gpt2, 0)
     copy = snapshot(tiny_gpt2.model, [name])[name]
     assert copy.data_ptr() != dict(tiny_gpt2.model.named_parameters())[name].data_ptr()
+
+
+def test_build_editor_refuses_a_config_renamed_to_another_editor():
+    from core.errors import ConfigError
+
+    config = RomeConfig(layers=[1], stats=STATS, **TINY_VALUES)
+    config.name = "memit"  # what editor=rome editor.name=memit composes to
+    with pytest.raises(ConfigError) as info:
+        build_editor(config)
+    assert info.value.key == "editor.name" and "editor=memit" in info.value.hint

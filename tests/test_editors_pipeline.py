@@ -36,6 +36,7 @@ def test_edit_stage_both_perspectives_and_summary(compose_config, tmp_path):
         job = root / f"editor={editor},perspective={perspective}"
         results = run_job(cfg, job)["results"]
         assert results["editor"] == editor and results["perspective"] == perspective and results["n_cases"] == 2
+        assert results["n_skipped"] == 0 and results["skip_reasons"] == {} and results["n_loaded"] == results["n_read"]
         rows = read_jsonl(job / "cases.jsonl")
         assert len(rows) == 2 and {"pre", "post", "edit"} <= set(rows[0])
         assert rows[0]["pre"]["entity.reliability"] is not None and "relation.reliability" in rows[0]["post"]
@@ -62,6 +63,18 @@ def test_edit_stage_refuses_the_none_editor(compose_config, tmp_path):
     cfg = compose_config("stage=edit", "editor=none", "model=tiny_gpt2", "dataset=counterfact", "logger=none")
     with pytest.raises(ConfigError, match="editor"):
         run_job(cfg, tmp_path / "job")
+
+
+def test_edit_stage_on_a_user_file_without_new_objects_says_what_to_add(compose_config, tmp_path):
+    from core.errors import ConfigError
+
+    path = tmp_path / "facts.jsonl"
+    rows = [{"subject": s, "relation_id": "P17", "template": "{} is located in", "object": "Italy"} for s in ("Rome", "Milan")]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cfg = compose_config("stage=edit", "editor=rome", "model=tiny_gpt2", "dataset=user", f"dataset.path={path}", "logger=none")
+    with pytest.raises(ConfigError, match="of 2 facts, 2 have no new object") as info:
+        run_job(cfg, tmp_path / "job")
+    assert "new_object" in info.value.hint and "dataset=counterfact" not in info.value.hint
 
 
 class Killed(BaseException):

@@ -404,3 +404,66 @@ def test_relation_requests_deterministic_cached_and_counted(all_cf, relations, t
         fact = all_cf.by_case_id()[request.case_id]
         if request.neighborhood_subject:
             assert request.neighborhood_subject in fact.neighborhood_prompts[0]
+
+
+def test_data_dir_that_is_a_file_is_refused_not_silently_replaced_by_the_bundle(tmp_path):
+    from core.errors import ConfigError
+    from facts import DatasetConfig, load_facts
+
+    (tmp_path / "data").write_text("")
+    with pytest.raises(ConfigError, match="paths.data_dir"):
+        load_facts(DatasetConfig(name="known"), data_dir=tmp_path / "data")
+
+
+@pytest.mark.parametrize("name", ["known", "counterfact", "user"])
+def test_dataset_path_that_is_a_directory_is_named(tmp_path, name):
+    from core.errors import DataError
+    from facts import DatasetConfig, load_facts
+
+    with pytest.raises(DataError, match="is a directory") as info:
+        load_facts(DatasetConfig(name=name, path=str(tmp_path)))
+    assert info.value.key == "dataset.path"
+
+
+GOOD_USER_ROW = {"subject": "Lyon", "relation_id": "P190", "template": "The twin city of {} is", "object": "Beirut",
+                 "new_object": "Manila"}
+
+
+def test_empty_user_file_says_so_not_use_counterfact(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(DataError, match="holds no records") as info:
+        load_facts(DatasetConfig(name="user", path=str(path)))
+    assert info.value.key == "dataset.path" and "counterfact" not in str(info.value)
+
+
+def test_entirely_skipped_user_file_counts_the_records_and_reasons(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    rows = [{**GOOD_USER_ROW, "object": ""}, {**GOOD_USER_ROW, "object": " "}, {**GOOD_USER_ROW, "relation_id": "P9999"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(DataError) as info:
+        load_facts(DatasetConfig(name="user", path=str(path)))
+    message = str(info.value)
+    assert info.value.key == "dataset.path" and "all 3 records were skipped" in message
+    assert "2 x target_true: must be a non-empty string" in message and "1 x relation_id: unknown relation id" in message
+    assert "counterfact" not in message
+
+
+def test_load_summary_counts_skips_by_reason(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [GOOD_USER_ROW, {**GOOD_USER_ROW, "object": ""}]) + "\n{broken\n")
+    summary = load_facts(DatasetConfig(name="user", path=str(path))).report.summary()
+    assert summary["n_read"] == 3 and summary["n_loaded"] == 1 and summary["n_skipped"] == 2
+    assert summary["skip_reasons"] == {"target_true: must be a non-empty string": 1, "line: invalid JSON (Expecting property name enclosed in double quotes)": 1}
+
+
+def test_duplicate_case_ids_are_refused_with_every_duplicated_id(tmp_path):
+    path = tmp_path / "dups.jsonl"
+    rows = [{**GOOD_USER_ROW, "case_id": 7}, {**GOOD_USER_ROW, "case_id": 7}, {**GOOD_USER_ROW, "case_id": 1},
+            GOOD_USER_ROW, {**GOOD_USER_ROW, "case_id": 9}]  # the 4th has no case_id: its line number, 3
+    rows.append({**GOOD_USER_ROW, "case_id": 3})
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(DataError) as info:
+        load_facts(DatasetConfig(name="user", path=str(path)))
+    assert info.value.key == "case_id" and info.value.value == [3, 7]
+    assert "2 case ids occur more than once" in str(info.value)

@@ -153,3 +153,24 @@ def test_embedded_conversion_is_exact(smollm2, tmp_path):
     inputs = _encode(smollm2)
     with torch.no_grad():
         torch.testing.assert_close(direct(**inputs).logits, smollm2.model(**inputs).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("files,problem", [((), "empty"), (("tokenizer.json",), "no config.json"),
+                                           (("config.json", "tokenizer.json"), "no weights"),
+                                           (("config.json", "model.safetensors"), "no tokenizer")])
+def test_incomplete_local_model_dir_is_named_not_a_network_error(tmp_path, files, problem):
+    from models.config import ModelConfig
+
+    for name in files:
+        (tmp_path / name).write_text("{}")
+    with pytest.raises(ModelError, match=problem) as info:
+        load_model(ModelConfig(name="local", source="local", id=str(tmp_path), device="cpu"))
+    assert info.value.key == "model.id" and "network" not in str(info.value)
+
+
+def test_local_model_path_that_is_a_file(tmp_path):
+    from models.config import ModelConfig
+
+    (tmp_path / "model.safetensors").write_text("")
+    with pytest.raises(ModelError, match="is a file"):
+        load_model(ModelConfig(name="local", source="local", id=str(tmp_path / "model.safetensors"), device="cpu"))

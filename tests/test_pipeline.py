@@ -92,3 +92,16 @@ def test_empty_fact_list_is_fine(tiny_gpt2):
     from facts.knowledge import check_knowledge
 
     assert check_knowledge(tiny_gpt2, [], progress=False) == []
+
+
+def test_known_stage_results_count_skipped_records_and_why(compose_config, tmp_path):
+    rows = [{"subject": "Lyon", "relation_id": "P190", "template": "The twin city of {} is", "object": "Beirut"},
+            {"subject": "Oslo", "relation_id": "P190", "template": "{} lies in", "object": ""}]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    cfg = compose_config("stage=known", "model=tiny_gpt2", "dataset=user", f"dataset.path={path}", "logger=none",
+                         f"paths.cache_dir={tmp_path / 'cache'}")
+    run_job(cfg, tmp_path / "job")
+    results = json.loads((tmp_path / "job" / "results.json").read_text())["results"]
+    assert results["n_facts"] == 1 and results["n_skipped"] == 1
+    assert results["skip_reasons"] == {"target_true: must be a non-empty string": 1}

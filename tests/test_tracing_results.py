@@ -30,6 +30,30 @@ def test_relation_spans_skip_the_space_before_the_subject(tiny_gpt2):
     assert contiguous_spans(relation) == [(0, 3), (4, 5)]
 
 
+def test_straddling_tokens_by_offsets():
+    from tracing.spans import straddling_tokens
+
+    text = "The Italy is"
+    offsets = [(0, 3), (3, 9), (9, 12), (0, 0)]  # " Italy" carries its space
+    assert straddling_tokens(text, offsets, (4, 9)) == []  # "Italy": exact (the leading space does not count)
+    assert straddling_tokens(text, offsets, (4, 8)) == [" Italy"]  # "Ital" ends inside " Italy"
+    assert straddling_tokens(text, offsets, (5, 9)) == [" Italy"]  # "taly" starts inside it
+
+
+@pytest.mark.parametrize("perspective", ["entity", "relation"])
+def test_subject_that_splits_a_token_is_refused_not_widened(tiny_gpt2, perspective):
+    from facts.schema import Fact
+    from tracing import trace_fact
+
+    fact = Fact(case_id=3, subject="Ital", relation_id=None, template="The capital of {}y is",
+                prompt="The capital of Italy is", target_true="Rome")
+    with pytest.raises(DataError, match="inside the token ' Italy'") as info:
+        trace_fact(tiny_gpt2, fact, perspective)
+    assert info.value.key == "subject" and info.value.case_id == 3
+    with pytest.raises(DataError, match="inside the token"):
+        trace(tiny_gpt2, fact.prompt, "Ital", perspective=perspective)
+
+
 def test_token_positions_by_offsets():
     text = "ab cd ef"
     offsets = [(0, 2), (2, 5), (5, 8), (0, 0)]  # " cd" carries the space; the last is a special token
@@ -179,3 +203,23 @@ def test_trace_stage_writes_traces_aggregates_and_figures(compose_config, tiny_g
     assert "hidden" in summary["peaks"] and summary["seconds_per_fact"] >= 0
     # A rerun of the same job is skipped (done-marker), and the traces come from the cache when forced.
     assert run_job(cfg, job_dir)["results"] == summary
+
+
+def test_trace_stage_skips_and_counts_subjects_that_split_a_token(compose_config, tiny_gpt2, tmp_path):
+    from pipeline.jobs import run_job
+
+    path = tmp_path / "facts.jsonl"
+    facts = write_known_user_facts(tiny_gpt2, path)
+    split = {**facts[0], "case_id": 99, "subject": "Ital", "template": facts[0]["template"].replace("{}", "{}y")}
+    path.write_text(path.read_text() + json.dumps(split) + "\n")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "models").symlink_to(Path(os.environ["KLOC_CACHE_DIR"]) / "models")
+    cfg = compose_config("stage=trace", "model=tiny_gpt2", "dataset=user", f"dataset.path={path}", "perspective=relation",
+                         "logger=none", f"paths.cache_dir={tmp_path / 'cache'}", "stage.kinds=[hidden]", "stage.severed=false",
+                         "stage.samples=2", "stage.window=2", "stage.n_bootstrap=20", "stage.plot_facts=0", "stage.progress=false")
+    run_job(cfg, tmp_path / "job")
+    results = json.loads((tmp_path / "job" / "results.json").read_text())["results"]
+    assert results["n_traced"] == len(facts) and results["n_facts"] == len(facts) + 1
+    assert results["n_skipped"] == 1 and [r["case_id"] for r in results["refused"]] == [99]
+    assert results["skip_reasons"] == {"subject: starts or ends inside a token": 1}
+    assert not (tmp_path / "job" / "traces" / "case_99.json").exists()

@@ -25,7 +25,7 @@ from tracing.inputs import TraceScores, answer_token, make_inputs
 from tracing.noise import embedding_std
 from tracing.result import TraceResult
 from tracing.settings import FORMAT_VERSION, PERSPECTIVES, TraceSettings
-from tracing.spans import Span, corrupted_positions, subject_char_span
+from tracing.spans import Span, check_subject_tokens, corrupted_positions, subject_char_span
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ def trace(loaded: LoadedModel, prompt: str, subject: str | None = None, *, persp
     if char_spans is None:
         if subject is None:
             raise ConfigError("subject", None, "need a subject or explicit char_spans", hint="trace(loaded, prompt, subject=...)")
+        check_subject_tokens(loaded.tokenizer, prompt, subject_char_span(prompt, subject), subject, case_id)
         char_spans = perspective_char_spans(prompt, subject, perspective, relation_span)
     char_spans = [tuple(span) for span in char_spans]
     settings = resolve_settings(loaded, settings, noise_std, cache_dir)
@@ -109,11 +110,16 @@ def _read_trace(entry: CacheEntry) -> TraceResult:
 
 def trace_fact(loaded: LoadedModel, fact: Fact, perspective: str = "entity", *, relation_span: str = "template", answer: str = "predicted",
                settings: TraceSettings | None = None, relation=None, **kwargs) -> TraceResult:
-    """Trace a ``facts.Fact``; ``answer`` is ``"predicted"`` (the model's top-1, as ROME) or ``"true"``."""
+    """Trace a ``facts.Fact``; ``answer`` is ``"predicted"`` (the model's top-1, as ROME) or ``"true"``.
+
+    A fact whose subject starts or ends inside a token (``"Ital"`` in ``"Italy"``) is refused with
+    a DataError (``tracing.spans.check_subject_tokens``) instead of being traced on a widened span.
+    """
     from facts import corrupted_char_spans
 
     if answer not in ("predicted", "true"):
         raise ConfigError("trace.answer", answer, "unknown answer choice", hint="use predicted or true")
+    check_subject_tokens(loaded.tokenizer, fact.prompt, fact.subject_char_span(), fact.subject, fact.case_id)
     spans = corrupted_char_spans(fact, perspective, relation_span, relation)
     return trace(loaded, fact.prompt, fact.subject, perspective=perspective, char_spans=spans,
                  answer=fact.target_true if answer == "true" else None, settings=settings,

@@ -66,6 +66,43 @@ def corrupted_positions(tokenizer, prompt: str, char_spans: Sequence[Span], case
     return list(encoded["input_ids"]), positions
 
 
+def straddling_tokens(text: str, offsets: Sequence[tuple[int, int]], span: Span) -> list[str]:
+    """Tokens that begin before an edge of ``span`` and end after it (leading whitespace trimmed as above).
+
+    ``"Ital"`` in ``"Italy is"`` gives ``["Italy"]``: the span cannot be corrupted without also
+    corrupting ``"y"``.
+    """
+    start, end = span
+    found = []
+    for token_start, token_end in offsets:
+        if token_end <= token_start:
+            continue
+        core = token_start
+        while core < token_end and text[core].isspace():
+            core += 1
+        if core == token_end:
+            core = token_start
+        if core < start < token_end or core < end < token_end:
+            found.append(text[token_start:token_end])
+    return found
+
+
+def check_subject_tokens(tokenizer, prompt: str, span: Span, subject: str, case_id=None) -> None:
+    """Refuse a subject whose first or last character falls inside a token of the prompt.
+
+    Token positions come from overlaps, so such a subject would silently widen to whole tokens:
+    in the entity perspective the corruption takes in part of the next word, and in the relation
+    perspective the subject's own boundary token counts as "relation" and is corrupted too. There is
+    no exact token span for it, so tracing refuses it (the trace stage skips and counts it).
+    """
+    encoded = tokenizer(prompt, return_offsets_mapping=True)
+    split = straddling_tokens(prompt, encoded["offset_mapping"], span)
+    if split:
+        raise DataError("subject", subject, f"starts or ends inside the token {split[0]!r} of {prompt!r}, so no token "
+                        "span is exactly the subject", hint="give the subject as whole tokens (e.g. 'Italy', not 'Ital')",
+                        case_id=case_id)
+
+
 def subject_char_span(prompt: str, subject: str) -> Span:
     """Char span of the first occurrence of ``subject`` in ``prompt``."""
     start = prompt.find(subject)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from core.errors import ConfigError
 from core.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json, read_jsonl
 from core.memory import halving_map
-from editors import build_editor, entity_request, relation_request
+from editors import build_editor, check_editor_config, entity_request, relation_request
 from editors.requests import LOOKUPS
 from facts.relations import load_relation_table
 from metrics.aggregate import aggregate
@@ -33,7 +33,7 @@ from metrics.evaluation import prepare_cases
 from metrics.report import render_markdown
 from models.load import LoadedModel
 from pipeline.jobs import PROGRESS
-from pipeline.stages.common import load_configured_facts, load_configured_model
+from pipeline.stages.common import load_configured_facts, load_configured_model, with_load_summary
 from pipeline.stages.scoring import ScoringSettings, score_cases, score_in_process
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,17 @@ class EditStageConfig(ScoringSettings):
 def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
     settings: EditStageConfig = OmegaConf.to_object(cfg.stage)
     settings.validate()
+    check_editor_config(OmegaConf.to_object(cfg.editor))  # before the model loads
+    facts = load_configured_facts(cfg)  # before the model: a bad file fails in a second, not after a load
     loaded = load_configured_model(cfg)
-    return edit_cases(cfg, settings, loaded, list(load_configured_facts(cfg)), job_dir, logger)
+    return with_load_summary(edit_cases(cfg, settings, loaded, list(facts), job_dir, logger), facts)
+
+
+def _no_case_hint(cfg: DictConfig) -> str:
+    if cfg.dataset.name == "user":
+        return ("give each record of dataset.path a new_object and, for the relation perspective, a relation_id "
+                "of facts/tables/relations.yaml")
+    return "use dataset=counterfact (cases with new objects and relation ids)"
 
 
 def edit_cases(cfg: DictConfig, settings: EditStageConfig, loaded: LoadedModel, facts: list, job_dir: Path, logger) -> dict:
@@ -109,17 +118,23 @@ def edit_cases(cfg: DictConfig, settings: EditStageConfig, loaded: LoadedModel, 
     perspective = cfg.perspective.name
     started = time.time()
     editor = build_editor(editor_config, cache_dir=cfg.paths.cache_dir, data_dir=cfg.paths.data_dir)
+    n_loaded = len(facts)
     facts = [fact for fact in facts if fact.target_new]
+    without_new = n_loaded - len(facts)
     if settings.known_only:
         from facts.knowledge import known_facts
 
         facts = known_facts(loaded, facts, cfg.paths.cache_dir)
+    unknown = n_loaded - without_new - len(facts)
     relations = load_relation_table()
     if perspective == "relation":
         facts = [fact for fact in facts if fact.relation_id in relations]
     if not facts:
-        raise ConfigError("dataset", cfg.dataset.name, f"no case can be edited from the {perspective} perspective",
-                          "use dataset=counterfact (cases with new objects and relation ids)")
+        why = f"of {n_loaded} facts, {without_new} have no new object, {unknown} are unknown to the model (stage.known_only)"
+        if perspective == "relation":
+            why += ", the rest have no relation id of facts/tables/relations.yaml"
+        raise ConfigError("dataset", cfg.dataset.name, f"no case can be edited from the {perspective} perspective ({why})",
+                          _no_case_hint(cfg))
     cases = prepare_cases(facts[: settings.n_cases], relations, max_template_paraphrases=settings.max_template_paraphrases)
     if len(cases) < settings.n_cases:
         log.warning("only %d editable cases (stage.n_cases=%d)", len(cases), settings.n_cases)

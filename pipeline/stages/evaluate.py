@@ -22,7 +22,7 @@ from facts.relations import load_relation_table
 from metrics.aggregate import aggregate
 from metrics.evaluation import prepare_cases
 from metrics.report import render_markdown
-from pipeline.stages.common import load_configured_facts, load_configured_model
+from pipeline.stages.common import load_configured_facts, load_configured_model, with_load_summary
 from pipeline.stages.scoring import ScoringSettings, score_cases
 
 log = logging.getLogger(__name__)
@@ -46,11 +46,13 @@ def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
     settings: EvaluateStageConfig = OmegaConf.to_object(cfg.stage)
     settings.validate()
     started = time.time()
+    loaded_facts = load_configured_facts(cfg)  # before the model: a bad file fails in a second, not after a load
     loaded = load_configured_model(cfg)
-    facts = list(load_configured_facts(cfg))
+    facts = list(loaded_facts)
     if not any(fact.target_new for fact in facts):
         raise ConfigError("dataset", cfg.dataset.name, "has no new objects (o*) to compare with the true ones",
-                          hint="use dataset=counterfact or a user file with new objects")
+                          hint="give each record of dataset.path a new_object" if cfg.dataset.name == "user"
+                          else "use dataset=counterfact or a user file with new objects")
     if settings.known_only:
         from facts.knowledge import known_facts
 
@@ -84,4 +86,4 @@ def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
         "files": ["cases.jsonl", "aggregates.json", "table.md"],
     }
     log.info("evaluated %d cases in %.1f s (%.2f cases/s)", len(rows), score_seconds, summary["cases_per_second"] or 0)
-    return summary
+    return with_load_summary(summary, loaded_facts)

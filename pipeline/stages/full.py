@@ -22,9 +22,10 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from core.io import atomic_write_json, read_json
+from editors import check_editor_config
 from facts.config import DatasetConfig
 from pipeline.jobs import RESULTS
-from pipeline.stages.common import load_configured_facts, load_configured_model
+from pipeline.stages.common import load_configured_facts, load_configured_model, with_load_summary
 from pipeline.stages.edit import EditStageConfig, edit_cases
 from pipeline.stages.trace import TraceStageConfig, trace_known_facts
 
@@ -50,22 +51,30 @@ def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
     settings: FullStageConfig = OmegaConf.to_object(cfg.stage)
     settings.edit.validate("stage.edit")
     settings.trace.trace_settings(int(cfg.seed), "stage.trace")  # validates before anything is loaded
+    check_editor_config(OmegaConf.to_object(cfg.editor))
     started = time.time()
     force = bool(cfg.get("force", False))
+    edits = settings.run_edit and cfg.editor.name != "none"
+    # Facts before the model: a bad data file fails in a second, not after a model load.
+    trace_facts = load_configured_facts(cfg, settings.trace_dataset) if settings.run_trace else None
+    edit_facts = load_configured_facts(cfg) if edits else None
     loaded = load_configured_model(cfg)
     summary: dict = {"model": loaded.identity["name"], "editor": cfg.editor.name, "perspective": cfg.perspective.name,
                      "dataset": cfg.dataset.name}
-    if settings.run_trace:
+    if trace_facts is not None:
         def trace_step(directory: Path) -> dict:
-            facts = list(load_configured_facts(cfg, settings.trace_dataset))
-            return trace_known_facts(cfg, settings.trace, loaded, facts, settings.trace_dataset.name, directory, logger)
+            traced = trace_known_facts(cfg, settings.trace, loaded, list(trace_facts), settings.trace_dataset.name,
+                                       directory, logger)
+            return with_load_summary(traced, trace_facts)
 
         summary["trace"] = _step(job_dir / "trace", trace_step, force)
-    if settings.run_edit and cfg.editor.name == "none":
+    if settings.run_edit and not edits:
         log.info("editor=none: tracing only")
-    elif settings.run_edit:
-        summary["edit"] = _step(job_dir / "edit", lambda directory: edit_cases(
-            cfg, settings.edit, loaded, list(load_configured_facts(cfg)), directory, logger), force)
+    if edit_facts is not None:
+        def edit_step(directory: Path) -> dict:
+            return with_load_summary(edit_cases(cfg, settings.edit, loaded, list(edit_facts), directory, logger), edit_facts)
+
+        summary["edit"] = _step(job_dir / "edit", edit_step, force)
     summary["seconds"] = round(time.time() - started, 2)
     return summary
 

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from core.io import atomic_write_jsonl
 from facts.knowledge import knowledge_table
-from pipeline.stages.common import load_configured_facts, load_configured_model
+from pipeline.stages.common import load_configured_facts, load_configured_model, with_load_summary
 
 
 @dataclass
@@ -21,10 +21,10 @@ class KnownStageConfig:
 
 def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
     settings: KnownStageConfig = OmegaConf.to_object(cfg.stage)
+    facts = load_configured_facts(cfg)  # before the model: a bad file fails in a second, not after a load
     started = time.time()
     loaded = load_configured_model(cfg)
     load_seconds = time.time() - started
-    facts = load_configured_facts(cfg)
     checked = time.time()
     rows, cached = knowledge_table(loaded, list(facts), cfg.paths.cache_dir, settings.batch_size)
     check_seconds = time.time() - checked
@@ -51,4 +51,4 @@ def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
     logger.log_scalars({"known/n_facts": summary["n_facts"], "known/n_known": summary["n_known"],
                         "known/fraction": summary["fraction_known"]})
     logger.log_table("known/facts", per_fact)
-    return summary
+    return with_load_summary(summary, facts)

@@ -24,14 +24,16 @@ from core.errors import ConfigError, DataError
 from core.hashing import repair_enabled, repairing
 from core.io import atomic_save_tensors, atomic_write_jsonl
 from facts.knowledge import known_facts
+from facts.validate import check_unique_case_ids
 from facts.relations import load_relation_table
 from models.load import LoadedModel, load_model
 from pipeline.distributed import FabricConfig, map_sharded
-from pipeline.stages.common import load_configured_facts, load_configured_model
+from pipeline.stages.common import load_configured_facts, load_configured_model, with_load_summary
 from pipeline.stages.scoring import replica_config
 from tracing import TraceSettings, embedding_std, severed_key, trace_fact
 from tracing.aggregate import aggregate_aie
 from tracing.plots import plot_aie_curves, plot_role_heatmaps, plot_severed, plot_trace_grid
+from tracing.spans import check_subject_tokens
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +74,26 @@ class TraceStageConfig:
 
 def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
     stage: TraceStageConfig = OmegaConf.to_object(cfg.stage)
+    facts = load_configured_facts(cfg)  # before the model: a bad file fails in a second, not after a load
     loaded = load_configured_model(cfg)
-    return trace_known_facts(cfg, stage, loaded, list(load_configured_facts(cfg)), cfg.dataset.name, job_dir, logger)
+    return with_load_summary(trace_known_facts(cfg, stage, loaded, list(facts), cfg.dataset.name, job_dir, logger), facts)
 
 
 def trace_known_facts(cfg: DictConfig, stage: TraceStageConfig, loaded: LoadedModel, facts: list, dataset: str,
                       job_dir: Path, logger) -> dict:
     """Trace the first ``stage.n_facts`` of ``facts`` the model knows; AIE tables and figures into ``job_dir``."""
     settings = stage.trace_settings(int(cfg.seed))
+    check_unique_case_ids(facts, f"the facts of {dataset}")  # one trace file per case id
     perspective, relation_span = cfg.perspective.name, cfg.perspective.relation_span
     cache_dir = cfg.paths.cache_dir
     started = time.time()
-    known = known_facts(loaded, facts, cache_dir, stage.knowledge_batch_size)
+    refused = _refused(loaded, facts)
+    if facts and len(refused) == len(facts):
+        raise DataError("subject", refused[0]["subject"], f"all {len(facts)} facts of {dataset} have a subject that starts "
+                        "or ends inside a token", hint=refused[0]["error"], case_id=refused[0]["case_id"])
+    # The known filter runs on every fact, so its cache entry is the one stage=known makes for this dataset.
+    refused_ids = {row["case_id"] for row in refused}
+    known = [fact for fact in known_facts(loaded, facts, cache_dir, stage.knowledge_batch_size) if fact.case_id not in refused_ids]
     chosen = known if stage.n_facts is None else known[: stage.n_facts]
     if not chosen:
         raise DataError("dataset", dataset, f"the model knows none of the {len(facts)} facts",
@@ -128,6 +138,8 @@ def trace_known_facts(cfg: DictConfig, stage: TraceStageConfig, loaded: LoadedMo
         "model": loaded.identity["name"], "dataset": dataset, "perspective": perspective, "relation_span": relation_span,
         "n_layers": loaded.adapter.n_layers,
         "n_facts": len(facts), "n_known": len(known), "n_traced": len(results), "skipped": skipped,
+        "refused": refused, "n_skipped": len(refused),
+        "skip_reasons": {"subject: starts or ends inside a token": len(refused)} if refused else {},
         "n_from_cache": sum(result.from_cache for result in results), "devices": stage.fabric.devices,
         "noise_scale": settings.noise_scale, "settings": settings.key(),
         "p_clean": sum(r.p_clean for r in results) / len(results),
@@ -139,6 +151,24 @@ def trace_known_facts(cfg: DictConfig, stage: TraceStageConfig, loaded: LoadedMo
                         f"trace/{perspective}/p_corrupted": summary["p_corrupted"],
                         f"trace/{perspective}/n_traced": len(results)})
     return summary
+
+
+def _refused(loaded: LoadedModel, facts: list) -> list[dict]:
+    """Facts whose subject is not whole tokens (``check_subject_tokens``), with the reason for each.
+
+    Checked before any tracing, so the first ``n_facts`` known facts are all traceable and a refused
+    fact is counted in ``n_skipped`` instead of silently tracing a widened span.
+    """
+    refused = []
+    for fact in facts:
+        try:
+            check_subject_tokens(loaded.tokenizer, fact.prompt, fact.subject_char_span(), fact.subject, fact.case_id)
+        except DataError as err:
+            refused.append({"case_id": fact.case_id, "subject": fact.subject, "error": str(err)})
+    if refused:
+        log.warning("refused %d of %d facts whose subject starts or ends inside a token (first: %s)",
+                    len(refused), len(facts), refused[0]["error"])
+    return refused
 
 
 def trace_facts(loaded: LoadedModel, facts: list, *, progress: bool = False, **options) -> list:
