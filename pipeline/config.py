@@ -133,21 +133,26 @@ ROOT_CHECKS = {"sweep_name": check_sweep_name, "seed": check_seed}
 
 
 def check_cli_overrides(args: list[str]) -> None:
-    """Check ``sweep_name`` and ``seed`` overrides (every value of a sweep) before Hydra starts: a
-    bad one would otherwise fail inside Hydra's job-dir logic, or only after a sweep's first jobs."""
+    """Check ``sweep_name``, ``seed`` and group-choice overrides (every value of a sweep) before Hydra
+    starts: a bad one would otherwise fail inside Hydra's job-dir logic, or after a sweep's first jobs."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
         overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
     except Exception:  # noqa: BLE001 - a syntax error is Hydra's to report, with its own message
         return
+    from pipeline.choices import check_group_choices
+
     for override in overrides:
-        check = ROOT_CHECKS.get(override.key_or_group)
-        if check is None or override.is_delete():
+        key = override.key_or_group
+        if override.is_delete() or (key not in ROOT_CHECKS and not (CONF_DIR / key).is_dir()):
             continue
         values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
         for value in values:
-            check(value)
+            if key in ROOT_CHECKS:
+                ROOT_CHECKS[key](value)
+            elif isinstance(value, str):
+                check_group_choices({key: value})
 
 
 def validate_root(cfg: Any) -> None:

@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from core.errors import ConfigError
+from pipeline.choices import check_group_choices
 from pipeline.config import check_cli_overrides, dirname_from_overrides, register_configs
 from pipeline.jobs import run_job
 
@@ -23,6 +24,7 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
+    check_group_choices(dict(hydra_cfg.runtime.choices))  # e.g. editor=rome_schema, which Hydra offers
     job_dir = Path(hydra_cfg.runtime.output_dir)
     name = dirname_from_overrides(hydra_cfg.job.override_dirname)
     logging.getLogger(__name__).info("job %s -> %s", name, job_dir)

@@ -14,7 +14,9 @@ from typing import Any, Callable
 
 import pytest
 
-from core.errors import ConfigError, ToolkitError
+from hydra.errors import ConfigCompositionException
+
+from core.errors import CacheError, ConfigError, ToolkitError
 from pipeline.jobs import run_job
 
 
@@ -40,14 +42,47 @@ class BadInput:
 
 
 # --- top-level keys and the job wrapper (pipeline/run.py, pipeline/jobs.py, pipeline/config.py) ---
+def _cli(*args: str) -> None:
+    """The entry point's check of top-level overrides, before Hydra makes any job dir."""
+    from pipeline.config import check_cli_overrides
+
+    check_cli_overrides(["-m", *args])
+
+
+def _finished_then(c: BadInputContext, *overrides: str, damage: Callable[[Path], Any] | None = None) -> dict:
+    """Run a tiny known job, optionally damage its dir, then rerun it with ``overrides``."""
+    c.job("stage=known", "dataset=known", "dataset.limit=3")
+    if damage is not None:
+        damage(c.tmp_path / "job")
+    return c.job("stage=known", "dataset=known", "dataset.limit=3", *overrides)
+
+
 JOB_CASES: list[BadInput] = [
     BadInput("model.dtype=float8", lambda c: c.job("stage=known", "dataset=known", "model.dtype=float8"),
              ConfigError, "model.dtype"),
+    BadInput("force=maybe (compose time)", lambda c: c.compose("force=maybe"), ConfigCompositionException, "force"),
+    BadInput("seed=abc (compose time)", lambda c: c.compose("seed=abc"), ConfigCompositionException, "seed"),
+    BadInput("seed=abc (command line)", lambda c: _cli("seed=abc"), ConfigError, "seed"),
+    BadInput("seed=-1 (command line)", lambda c: _cli("seed=-1"), ConfigError, "seed"),
+    BadInput("seed=0,-1 (one value of a sweep)", lambda c: _cli("seed=0,-1"), ConfigError, "seed"),
+    BadInput("seed=-1 (job)", lambda c: c.job("stage=known", "dataset=known", "seed=-1"), ConfigError, "seed"),
+    BadInput("seed=2**32 (job)", lambda c: c.job("stage=known", "dataset=known", f"seed={2**32}"), ConfigError, "seed"),
+    BadInput("sweep_name=../../x (command line)", lambda c: _cli("sweep_name=../../x"), ConfigError, "sweep_name"),
+    BadInput("sweep_name=../../x (job)", lambda c: c.job("stage=known", "sweep_name=../../x"), ConfigError, "sweep_name"),
+    BadInput("sweep_name of 300 characters", lambda c: _cli("sweep_name=" + "s" * 300), ConfigError, "sweep_name"),
+    BadInput("sweep_name=a/b", lambda c: _cli("sweep_name=a/b"), ConfigError, "sweep_name"),
+    BadInput("editor=rome_schema (command line)", lambda c: _cli("editor=rome_schema"), ConfigError, "editor"),
+    BadInput("rerun of a finished job under a changed config", lambda c: _finished_then(c, "dataset.limit=2"),
+             ConfigError, "config"),
+    BadInput("finished job whose results.json was truncated",
+             lambda c: _finished_then(c, damage=lambda job: (job / "results.json").write_text('{"stage": "kn')),
+             CacheError, "results.json"),
+    BadInput("cache.repair=perhaps (compose time)", lambda c: c.compose("cache.repair=perhaps"),
+             ConfigCompositionException, "cache.repair"),
 ]
 
 # --- caches: corrupt, truncated or unreadable entries (core/hashing.py and every cache user) ---
 import cache_kinds  # noqa: E402  (one real entry of each kind, and how to damage it)
-from core.errors import CacheError  # noqa: E402
 
 
 def _reread_damaged(kind: cache_kinds.CacheKind) -> Callable[[BadInputContext], Any]:
