@@ -25,17 +25,21 @@ ROLE_LABELS = {
 }
 
 
+def _trimmed_start(text: str, start: int, end: int) -> int:
+    """Where a token's text begins after its leading whitespace (its start if it is all whitespace)."""
+    core = start
+    while core < end and text[core].isspace():
+        core += 1
+    return start if core == end else core
+
+
 def token_positions(text: str, offsets: Sequence[tuple[int, int]], char_spans: Sequence[Span]) -> list[int]:
     """Sorted token positions whose (leading-whitespace-trimmed) text overlaps any char span."""
     positions = []
     for index, (start, end) in enumerate(offsets):
         if end <= start:  # special tokens (BOS) have empty offsets and are never corrupted
             continue
-        core = start
-        while core < end and text[core].isspace():
-            core += 1
-        if core == end:
-            core = start
+        core = _trimmed_start(text, start, end)
         if any(core < span_end and end > span_start for span_start, span_end in char_spans):
             positions.append(index)
     return positions
@@ -77,11 +81,7 @@ def straddling_tokens(text: str, offsets: Sequence[tuple[int, int]], span: Span)
     for token_start, token_end in offsets:
         if token_end <= token_start:
             continue
-        core = token_start
-        while core < token_end and text[core].isspace():
-            core += 1
-        if core == token_end:
-            core = token_start
+        core = _trimmed_start(text, token_start, token_end)
         if core < start < token_end or core < end < token_end:
             found.append(text[token_start:token_end])
     return found
