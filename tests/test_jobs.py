@@ -192,3 +192,20 @@ def test_full_disk_fails_with_a_named_error_and_a_failed_status(compose_config, 
     status = json.loads((job / "status.json").read_text())
     assert status["status"] == "failed" and "No space left" in status["error"]["message"]
     assert not (job / RESULTS).exists()
+
+
+def test_status_command_lists_each_job_state(compose_config, tmp_path, capsys):
+    from pipeline.status import job_rows, main
+
+    run_job(_known(compose_config, tmp_path), tmp_path / "sweep" / "a")
+    with pytest.raises(ConfigError):
+        run_job(_known(compose_config, tmp_path, "model.dtype=float8"), tmp_path / "sweep" / "b")
+    dead = {"status": "running", "stage": "known", "pid": 2**22 + 17, "host": os.uname().nodename,
+            "started": time.time() - 100, "heartbeat": time.time() - 100, "heartbeat_seconds": 30}
+    (tmp_path / "sweep" / "c").mkdir()
+    (tmp_path / "sweep" / "c" / "status.json").write_text(json.dumps(dead))
+    rows = {row["job"]: row for row in job_rows(tmp_path / "sweep")}
+    assert [rows[j]["state"] for j in "abc"] == ["done", "failed", "died"]
+    assert "model.dtype" in rows["b"]["detail"] and "heartbeat 100 s ago" in rows["c"]["detail"]
+    main([str(tmp_path / "sweep")])
+    assert "1 died, 1 done, 1 failed" in capsys.readouterr().out
