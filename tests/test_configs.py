@@ -101,3 +101,37 @@ def test_demo_settings_reach_the_chosen_stage_and_both_steps_of_full(compose_con
     assert full.name == "full" and full.edit.n_cases == 3 and full.trace == trace
     plain = compose_config("stage=edit").stage  # without the experiment: the stage's own defaults
     assert plain.n_cases == 100
+
+
+# The launcher class each `conf/hydra/launcher/*.yaml` must name; a new launcher file needs an entry.
+LAUNCHER_TARGETS = {
+    "local": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
+    "slurm": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+    "ray": "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher",
+}
+
+
+def test_every_launcher_file_has_an_expected_target():
+    assert sorted(LAUNCHER_TARGETS) == available_options("hydra/launcher")
+
+
+@pytest.mark.parametrize("launcher", available_options("hydra/launcher"))
+def test_every_launcher_option_composes(compose_config, launcher):
+    """What `--cfg hydra hydra/launcher=<launcher>` prints: it composes, resolves and names its class.
+
+    The class itself is only imported where its plugin is installed (`.[cluster]`, `.[ray]`).
+    """
+    import importlib.util
+
+    from hydra.plugins.launcher import Launcher
+    from hydra.utils import get_class
+
+    cfg = compose_config(f"hydra/launcher={launcher}", return_hydra_config=True)
+    assert cfg.hydra.runtime.choices["hydra/launcher"] == launcher
+    launcher_cfg = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    target = launcher_cfg["_target_"]
+    assert target == LAUNCHER_TARGETS[launcher]
+    plugin = target.rsplit(".", 2)[0]  # hydra_plugins.<plugin package>
+    if importlib.util.find_spec(plugin) is None:
+        pytest.skip(f"{plugin} is not installed, so {target} cannot be imported here")
+    assert issubclass(get_class(target), Launcher)
