@@ -64,7 +64,7 @@ class EditRequest:
 
 
 def entity_request(fact, lookup: Lookup = "subject_last") -> EditRequest:
-    """ROME's request from a ``facts.schema.Fact`` (or ``EntityRequest``): prompt -> target_new."""
+    """ROME's request from a ``facts.schema.Fact`` (or a ``facts.build_entity_request`` result): prompt -> target_new."""
     target = getattr(fact, "target_new", None)
     if not target:
         raise DataError("target_new", target, "an edit needs a new object", "use CounterFact facts", case_id=fact.case_id)
