@@ -23,7 +23,7 @@ from core.errors import ConfigError, ModelError
 from core.hashing import CacheEntry, file_sha256
 from core.paths import writable_dir
 from models.adapters import ArchitectureAdapter, adapter_for
-from models.config import DTYPES, SOURCES, ModelConfig
+from models.config import DTYPES, SOURCES, ModelConfig, model_config_by_name
 from models.tiny import build_tiny_model
 
 log = logging.getLogger(__name__)
@@ -180,8 +180,6 @@ def load_model(cfg: ModelConfig | dict | str, cache_dir: str | Path | None = Non
     train a hypernetwork enable what they need themselves.
     """
     if isinstance(cfg, str):
-        from pipeline.config import model_config_by_name
-
         cfg = model_config_by_name(cfg)
     if isinstance(cfg, dict):
         cfg = ModelConfig(**cfg)

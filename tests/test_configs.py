@@ -7,7 +7,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from pipeline.config import SCHEMAS, available_options
+from core.conf import available_options
+from pipeline.config import SCHEMAS
 
 GROUPS = ("model", "dataset", "perspective", "editor", "stage", "logger", "experiment")
 

@@ -69,7 +69,7 @@ def _examples(kind: str, split: str, limit: Optional[int], cfg: DictConfig):
 def mend_config(cfg: DictConfig) -> MendConfig:
     """``cfg.editor`` when it is mend; with editor=none, conf/editor/mend.yaml + editor_model/mend_<model>.yaml."""
     if cfg.editor.name == "none":
-        from pipeline.config import CONF_DIR
+        from core.conf import CONF_DIR
 
         layers = [OmegaConf.load(CONF_DIR / "editor" / "mend.yaml")]
         per_model = CONF_DIR / "editor_model" / f"mend_{cfg.model.name}.yaml"
