@@ -20,9 +20,6 @@ from omegaconf import MISSING, OmegaConf
 from core.conf import CONF_DIR
 from core.errors import ConfigError
 
-PERSPECTIVES = ("entity", "relation")
-RELATION_SPANS = ("template", "phrase")
-
 
 @dataclass
 class PathsConfig:
@@ -182,9 +179,3 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("kloc.cwd", lambda: os.getcwd())
     if not OmegaConf.has_resolver("kloc.dirname"):
         OmegaConf.register_new_resolver("kloc.dirname", dirname_from_overrides)
-
-
-def check_choice(key: str, value: str, choices: tuple[str, ...] | list[str]) -> str:
-    if value not in choices:
-        raise ConfigError(key, value, "not a valid choice", hint=f"use one of {', '.join(choices)}")
-    return value
