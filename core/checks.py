@@ -7,9 +7,19 @@ checked without the model), so a bad value never reaches code that would fail wi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
-from core.errors import ConfigError
+from core.errors import ConfigError, ToolkitError
+
+
+def check_choice(key: str, value: Any, choices: Iterable[Any], problem: str = "unknown choice",
+                 error: type[ToolkitError] = ConfigError) -> Any:
+    """``value`` is one of ``choices``; else ``error(key, value, problem, "use one of ...")`` lists them."""
+    choices = list(choices)
+    if value not in choices:
+        raise error(key, value, problem, f"use one of {', '.join(str(choice) for choice in choices)}")
+    return value
+
 
 LAYERS_HINT = "set editor.layers or add conf/editor_model/<editor>_<model>.yaml"
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 import torch
 from torch import Tensor
 
-from core.checks import check_layers
+from core.checks import check_choice, check_layers
 from core.errors import ConfigError
 from editors.base import Editor
 from editors.deltas import WeightDeltas, parameters
@@ -98,11 +98,6 @@ def rewrite_pairs(requests: Sequence[EditRequest], rewrites: str) -> tuple[list[
             prompts.append(rewrite.template.replace("{}", request.subject, 1))
             targets.append(rewrite.target)
     return prompts, targets
-
-
-def check_choice(key: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ConfigError(key, value, "unknown choice", f"use one of {', '.join(choices)}")
 
 
 # ------------------------------------------------------------------------------------------ FT

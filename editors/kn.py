@@ -37,11 +37,10 @@ import torch
 from einops import repeat
 from torch import Tensor
 
-from core.checks import check_layers
+from core.checks import check_choice, check_layers
 from core.errors import ConfigError
 from editors.base import EditResult, Editor
 from editors.deltas import WeightDeltas
-from editors.ft import check_choice
 from editors.requests import EditRequest
 from editors.templates import context_templates
 from models.blocks import BlockStack, PrefixCache

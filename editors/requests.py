@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Sequence
 
+from core.checks import check_choice
 from core.errors import ConfigError, DataError
 
 Lookup = Literal["subject_last", "prompt_last"]
@@ -45,8 +46,7 @@ class EditRequest:
     target_true: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if self.lookup not in LOOKUPS:
-            raise ConfigError("lookup", self.lookup, "unknown lookup token", f"use one of {', '.join(LOOKUPS)}")
+        check_choice("lookup", self.lookup, LOOKUPS, "unknown lookup token")
         for template in (self.key_template, *(r.template for r in self.rewrites)):
             if template.count("{}") != 1:
                 raise DataError("template", template, "needs exactly one {} for the subject", case_id=self.case_id)

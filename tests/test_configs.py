@@ -136,3 +136,16 @@ def test_every_launcher_option_composes(compose_config, launcher):
     if importlib.util.find_spec(plugin) is None:
         pytest.skip(f"{plugin} is not installed, so {target} cannot be imported here")
     assert issubclass(get_class(target), Launcher)
+
+
+def test_check_choice_names_key_value_and_the_choices():
+    from core.checks import check_choice
+    from core.errors import ConfigError, ModelError
+
+    assert check_choice("editor.rewrites", "all", ("main", "all")) == "all"
+    with pytest.raises(ConfigError) as info:
+        check_choice("editor.rewrites", "some", ("main", "all"))
+    assert (info.value.key, info.value.value, info.value.problem) == ("editor.rewrites", "some", "unknown choice")
+    assert info.value.hint == "use one of main, all"
+    with pytest.raises(ModelError, match="needs a mask"):
+        check_choice("model.attn_implementation", "flash", ["eager"], "needs a mask", error=ModelError)

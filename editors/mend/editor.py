@@ -14,11 +14,11 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from core.checks import check_layers
+from core.checks import check_choice, check_layers
 from core.errors import ConfigError
 from editors.base import EditResult, Editor
 from editors.deltas import WeightDeltas
-from editors.ft import REWRITE_CHOICES, check_choice, rewrite_pairs, target_batch
+from editors.ft import REWRITE_CHOICES, rewrite_pairs, target_batch
 from editors.mend.checkpoint import find_checkpoint, load_checkpoint
 from editors.mend.factors import gradient_factors, projection_names
 from editors.mend.network import MendNetwork, NetworkConfig
