@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 from pathlib import Path
 
+from core.checks import check_choice
 from core.errors import ConfigError
 from editors.base import EditResult, Editor, LocateEditConfig
 from editors.deltas import WeightDeltas, applied
@@ -35,16 +36,14 @@ def check_editor_config(config) -> None:
     if isinstance(schema_name, str) and schema_name != "???" and name != schema_name:
         raise ConfigError("editor.name", name, f"the {schema_name} config (editor={schema_name}) cannot run another editor",
                           f"choose the editor with editor={name}, not editor.name (the name comes with the option)")
-    if name != "none" and name not in EDITORS:
-        raise ConfigError("editor", name, "not an editor", f"use one of {', '.join(sorted(EDITORS))}")
+    if name != "none":
+        check_choice("editor", name, sorted(EDITORS), "not an editor")
 
 
 def build_editor(config, cache_dir: str | Path | None = None, data_dir: str | Path | None = None) -> Editor:
     """The editor named by ``config.name``, bound to its config and the cache/data dirs."""
     check_editor_config(config)
-    name = config.name
-    if name not in EDITORS:
-        raise ConfigError("editor", name, "not an editor", f"use one of {', '.join(sorted(EDITORS))}")
+    name = check_choice("editor", config.name, sorted(EDITORS), "not an editor")
     module, cls = EDITORS[name].split(":")
     return getattr(importlib.import_module(module), cls)(config, cache_dir=cache_dir, data_dir=data_dir)
 

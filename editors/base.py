@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Sequence
 from omegaconf import MISSING
 from torch import Tensor, nn
 
+from core.checks import check_layer_list, check_layers
 from core.errors import ConfigError
 from editors.deltas import WeightDeltas, add_in_place, restore, snapshot
 from editors.requests import EditRequest, check_requests
@@ -58,13 +59,11 @@ class LocateEditConfig:
         return ValueSettings(self.v_num_grad_steps, self.v_lr, self.v_weight_decay, self.clamp_norm_factor,
                              self.kl_factor, tuple(self.kl_prompts), self.early_stop_loss)
 
+    def __post_init__(self) -> None:
+        check_layer_list("editor.layers", self.layers)  # required: a RomeConfig() without layers is refused here
+
     def validate(self, n_layers: int) -> None:
-        if not self.layers:
-            raise ConfigError("editor.layers", self.layers, "no layer to rewrite",
-                              "set editor.layers or add conf/editor_model/<editor>_<model>.yaml")
-        bad = [layer for layer in self.layers if not 0 <= layer < n_layers]
-        if bad:
-            raise ConfigError("editor.layers", list(self.layers), f"out of range ({n_layers} layers)", f"use 0-{n_layers - 1}")
+        check_layers("editor.layers", self.layers, n_layers)
         if self.v_num_grad_steps < 1 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
             raise ConfigError("editor", self.name, "v_num_grad_steps >= 1, v_lr > 0 and clamp_norm_factor > 0", "")
         self.stats.validate()

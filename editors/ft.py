@@ -21,6 +21,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 import torch
 from torch import Tensor
 
+from core.checks import check_choice, check_layers
 from core.errors import ConfigError
 from editors.base import Editor
 from editors.deltas import WeightDeltas, parameters
@@ -97,19 +98,6 @@ def rewrite_pairs(requests: Sequence[EditRequest], rewrites: str) -> tuple[list[
             prompts.append(rewrite.template.replace("{}", request.subject, 1))
             targets.append(rewrite.target)
     return prompts, targets
-
-
-def check_layers(key: str, layers: Sequence[int], n_layers: int) -> None:
-    if not layers:
-        raise ConfigError(key, list(layers), "no layer to rewrite", "set it or add conf/editor_model/<editor>_<model>.yaml")
-    bad = [layer for layer in layers if not 0 <= layer < n_layers]
-    if bad:
-        raise ConfigError(key, list(layers), f"out of range ({n_layers} layers)", f"use 0-{n_layers - 1}")
-
-
-def check_choice(key: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ConfigError(key, value, "unknown choice", f"use one of {', '.join(choices)}")
 
 
 # ------------------------------------------------------------------------------------------ FT

@@ -37,10 +37,10 @@ import torch
 from einops import repeat
 from torch import Tensor
 
+from core.checks import check_choice, check_layers
 from core.errors import ConfigError
 from editors.base import EditResult, Editor
 from editors.deltas import WeightDeltas
-from editors.ft import check_choice
 from editors.requests import EditRequest
 from editors.templates import context_templates
 from models.blocks import BlockStack, PrefixCache
@@ -69,9 +69,8 @@ class KnConfig:
     context_seed: int = 0
 
     def validate(self, n_layers: int) -> None:
-        bad = [layer for layer in self.layers or [] if not 0 <= layer < n_layers]
-        if bad or self.layers == []:
-            raise ConfigError("editor.layers", self.layers, f"needs layers in 0-{n_layers - 1}", "use null for all layers")
+        if self.layers is not None:
+            check_layers("editor.layers", self.layers, n_layers, hint="use null for all layers")
         check_choice("editor.old_target", self.old_target, OLD_TARGETS)
         if self.steps < 1 or self.n_prompts < 1 or self.max_rows < 1:
             raise ConfigError("editor", self.name, "steps, n_prompts and max_rows must be >= 1", "")

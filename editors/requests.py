@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Sequence
 
+from core.checks import check_choice
 from core.errors import ConfigError, DataError
 
 Lookup = Literal["subject_last", "prompt_last"]
@@ -45,8 +46,7 @@ class EditRequest:
     target_true: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if self.lookup not in LOOKUPS:
-            raise ConfigError("lookup", self.lookup, "unknown lookup token", f"use one of {', '.join(LOOKUPS)}")
+        check_choice("lookup", self.lookup, LOOKUPS, "unknown lookup token")
         for template in (self.key_template, *(r.template for r in self.rewrites)):
             if template.count("{}") != 1:
                 raise DataError("template", template, "needs exactly one {} for the subject", case_id=self.case_id)
@@ -64,7 +64,7 @@ class EditRequest:
 
 
 def entity_request(fact, lookup: Lookup = "subject_last") -> EditRequest:
-    """ROME's request from a ``facts.schema.Fact`` (or ``EntityRequest``): prompt -> target_new."""
+    """ROME's request from a ``facts.schema.Fact`` (or a ``facts.build_entity_request`` result): prompt -> target_new."""
     target = getattr(fact, "target_new", None)
     if not target:
         raise DataError("target_new", target, "an edit needs a new object", "use CounterFact facts", case_id=fact.case_id)

@@ -20,7 +20,7 @@ import torch
 from einops import einsum
 from torch import Tensor
 
-from core.errors import ConfigError
+from core.checks import check_choice
 from editors.base import Editor, LocateEditConfig
 from editors.deltas import WeightDeltas, add_in_place
 from editors.keys import encode_prompt, keys_at, request_keys
@@ -40,8 +40,7 @@ class RomeConfig(LocateEditConfig):
 
     def validate(self, n_layers: int) -> None:
         super().validate(n_layers)
-        if self.constraint_key not in CONSTRAINT_KEYS:
-            raise ConfigError("editor.constraint_key", self.constraint_key, "unknown choice", f"use one of {', '.join(CONSTRAINT_KEYS)}")
+        check_choice("editor.constraint_key", self.constraint_key, CONSTRAINT_KEYS)
 
 
 def rank_one_update(residual: Tensor, key_star: Tensor, key_constraint: Tensor, inverse_moment: Tensor | None) -> Tensor:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from core.checks import check_choice
 from core.errors import ConfigError, DataError
 from core.hashing import CacheEntry
 from core.io import atomic_save_tensors
@@ -49,8 +50,7 @@ class StatsConfig:
     path: Optional[str] = None  # wikitext2: a dir holding the WikiText-2 files; files: a file or dir of .txt/.raw
 
     def validate(self) -> None:
-        if self.corpus not in CORPORA:
-            raise ConfigError("stats.corpus", self.corpus, "unknown corpus", f"use one of {', '.join(CORPORA)}")
+        check_choice("stats.corpus", self.corpus, CORPORA, "unknown corpus")
         if self.n_samples < 1 or self.max_tokens < 2 or self.batch_size < 1:
             raise ConfigError("stats", asdict(self), "n_samples, batch_size >= 1 and max_tokens >= 2", "")
         if self.corpus == "files" and not self.path:

@@ -7,9 +7,9 @@ from facts.perspectives import (
     EntityRequest,
     RelationRequest,
     RelationRequestSet,
+    build_entity_request,
     build_relation_requests,
     corrupted_char_spans,
-    entity_request,
 )
 from facts.relations import RelationInfo, load_relation_table, load_template_table, resolve_relation
 from facts.schema import Fact, FactSet, LoadReport
@@ -17,7 +17,7 @@ from facts.sources import pararel_patterns, resolve, wikitext
 
 __all__ = [
     "BUILDER_VERSION", "DatasetConfig", "EntityRequest", "Fact", "FactSet", "LoadReport", "RelationInfo",
-    "RelationRequest", "RelationRequestSet", "build_relation_requests", "corrupted_char_spans", "entity_request",
+    "RelationRequest", "RelationRequestSet", "build_entity_request", "build_relation_requests", "corrupted_char_spans",
     "load_facts", "load_relation_table", "load_template_table", "pararel_patterns", "resolve", "resolve_relation",
     "wikitext",
 ]

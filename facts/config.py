@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from core.checks import check_choice
 from core.errors import ConfigError
 
 DATASET_NAMES = ("known", "counterfact", "counterfact_relation", "user")
@@ -35,15 +36,10 @@ class DatasetConfig:
         self.validate()
 
     def validate(self) -> None:
-        _choice("dataset.name", self.name, DATASET_NAMES)
-        _choice("dataset.split", self.split, SPLITS)
-        _choice("dataset.format", self.format, FORMATS)
+        check_choice("dataset.name", self.name, DATASET_NAMES)
+        check_choice("dataset.split", self.split, SPLITS)
+        check_choice("dataset.format", self.format, FORMATS)
         if self.limit is not None and self.limit < 0:
             raise ConfigError("dataset.limit", self.limit, "must be >= 0 or null", "use null for all records")
         if self.name == "user" and not self.path:
             raise ConfigError("dataset.path", self.path, "dataset=user needs a jsonl file", "set dataset.path=/path/to/facts.jsonl")
-
-
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(key, value, "unknown choice", f"choose one of {', '.join(choices)}")

@@ -13,7 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from core.errors import ConfigError, DataError
+from core.checks import check_choice
+from core.errors import DataError
 from core.paths import existing_file
 from facts import counterfact, known, user
 from facts.config import DatasetConfig
@@ -171,8 +172,7 @@ def _limit(rows: list, limit: Optional[int]) -> list:
 
 
 def _formats(cfg: DatasetConfig, allowed: tuple[str, ...]) -> None:
-    if cfg.format not in allowed:
-        raise ConfigError("dataset.format", cfg.format, f"not valid for dataset={cfg.name}", f"choose one of {', '.join(allowed)}")
+    check_choice("dataset.format", cfg.format, allowed, f"not valid for dataset={cfg.name}")
 
 
 def _read_user(path: Optional[str]) -> str:

@@ -139,8 +139,11 @@ class EntityRequest:
     target_true: str
 
 
-def entity_request(fact: Fact) -> EntityRequest:
-    """ROME-style rewrite request; targets without leading space."""
+def build_entity_request(fact: Fact) -> EntityRequest:
+    """The entity-perspective rewrite of a fact (ROME-style: prompt -> target_new); targets without leading space.
+
+    Data only, like ``build_relation_request``; ``editors.entity_request`` turns a fact into what an editor applies.
+    """
     if not fact.target_new:
         raise DataError("target_new", fact.target_new, "an edit needs a new object",
                         "use a CounterFact or user fact with new_object", case_id=fact.case_id)

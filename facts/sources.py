@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
+from core.checks import check_choice
 from core.errors import CacheError, ConfigError, DataError
 from core.io import atomic_path
 from core.paths import existing_file, optional_dir
@@ -135,8 +136,7 @@ class Resolved:
 
 
 def data_file(name: str) -> DataFile:
-    if name not in CATALOG:
-        raise ConfigError("data_file", name, "unknown logical data file", f"choose one of {sorted(CATALOG)}")
+    check_choice("data_file", name, sorted(CATALOG), "unknown logical data file")
     return CATALOG[name]
 
 
@@ -253,8 +253,7 @@ def wikitext(file: str = "wikitext-2-raw/wiki.test.raw", data_dir: str | Path | 
     ``file`` is one of ``WIKITEXT_FILES``. The raw test split has CRLF line endings; the
     tokenized splits contain ``<unk>``: callers decide how to clean them.
     """
-    if file not in WIKITEXT_FILES:
-        raise ConfigError("wikitext.file", file, "unknown WikiText file", f"choose one of {list(WIKITEXT_FILES)}")
+    check_choice("wikitext.file", file, WIKITEXT_FILES, "unknown WikiText file")
     return resolve(f"wikitext/{file}", data_dir=data_dir).text()
 
 

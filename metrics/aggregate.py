@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from core.bootstrap import bootstrap_indices
 from core.errors import DataError
 from metrics.fields import METRICS, SCORES
 
@@ -50,14 +51,6 @@ def harmonic_mean(values: Sequence[float]) -> float:
     if (array == 0).any():
         return 0.0
     return float(array.size / np.sum(1.0 / array))
-
-
-def bootstrap_indices(n_cases: int, n_resamples: int, seed: int) -> np.ndarray:
-    """Case indices drawn with replacement.  -> [resample case] int64"""
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
-    return np.random.default_rng(seed).integers(0, n_cases, size=(n_resamples, n_cases)) if n_cases else \
-        np.zeros((n_resamples, 0), dtype=np.int64)
 
 
 def as_array(values: Iterable[Optional[float]]) -> tuple[np.ndarray, int, int]:

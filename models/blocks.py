@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from core.checks import check_choice
 from core.errors import ModelError
 from models.adapters import ArchitectureAdapter
 
@@ -55,9 +56,8 @@ class BlockStack:
         self.model = model
         self.adapter = adapter
         implementation = getattr(model.config, "_attn_implementation", "eager") or "eager"
-        if implementation not in SUPPORTED_ATTENTION:
-            raise ModelError("model.attn_implementation", implementation, "block-level runs need an explicit attention mask",
-                             hint=f"use one of {', '.join(SUPPORTED_ATTENTION)}")
+        check_choice("model.attn_implementation", implementation, SUPPORTED_ATTENTION,
+                     "block-level runs need an explicit attention mask", error=ModelError)
         self.base = adapter.get_module(model, adapter.embed.rsplit(".", 1)[0])
         self.embed = adapter.module(model, "embed")
         self.blocks = [adapter.module(model, "block", layer) for layer in range(adapter.n_layers)]

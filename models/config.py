@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+
+from core.conf import CONF_DIR, available_options
+from core.errors import ConfigError
 
 SOURCES = ("embedded", "hub", "local", "tiny")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -34,3 +37,14 @@ class ModelConfig:
     tiny_layers: int = 4
     tiny_d_model: int = 32
     seed: int = 0
+
+
+def model_config_by_name(name: str) -> ModelConfig:
+    """Compose ``conf/model/<name>.yaml`` outside Hydra (notebooks, scripts, ``load_model("tiny_gpt2")``)."""
+    path = CONF_DIR / "model" / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError("model", name, "unknown model config", hint=f"available: {', '.join(available_options('model'))}")
+    values = OmegaConf.load(path)
+    values.pop("defaults", None)
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), values)
+    return OmegaConf.to_object(merged)

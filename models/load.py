@@ -19,11 +19,12 @@ import torch
 from transformers.utils import logging as hf_logging
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from core.checks import check_choice
 from core.errors import ConfigError, ModelError
 from core.hashing import CacheEntry, file_sha256
 from core.paths import writable_dir
 from models.adapters import ArchitectureAdapter, adapter_for
-from models.config import DTYPES, SOURCES, ModelConfig
+from models.config import DTYPES, SOURCES, ModelConfig, model_config_by_name
 from models.tiny import build_tiny_model
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,7 @@ def check_local_model_dir(path: str | Path | None, key: str = "model.id") -> Pat
 
 
 def _resolve_dtype(name: str) -> torch.dtype | str:
-    if name not in DTYPES:
-        raise ConfigError("model.dtype", name, "unknown dtype", hint=f"use one of {', '.join(DTYPES)}")
+    check_choice("model.dtype", name, DTYPES, "unknown dtype")
     return name if name == "auto" else getattr(torch, name)
 
 
@@ -180,13 +180,10 @@ def load_model(cfg: ModelConfig | dict | str, cache_dir: str | Path | None = Non
     train a hypernetwork enable what they need themselves.
     """
     if isinstance(cfg, str):
-        from pipeline.config import model_config_by_name
-
         cfg = model_config_by_name(cfg)
     if isinstance(cfg, dict):
         cfg = ModelConfig(**cfg)
-    if cfg.source not in SOURCES:
-        raise ConfigError("model.source", cfg.source, "unknown model source", hint=f"use one of {', '.join(SOURCES)}")
+    check_choice("model.source", cfg.source, SOURCES, "unknown model source")
     cache = writable_dir("paths.cache_dir", Path(cache_dir) if cache_dir else default_cache_dir())
     dtype = _resolve_dtype(cfg.dtype)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}

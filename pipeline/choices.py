@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from typing import Mapping, Optional
 
+from core.conf import available_options
 from core.errors import ConfigError
-from pipeline.config import SCHEMAS, available_options
+from pipeline.config import SCHEMAS
 
 
 def schema_names(group: str) -> set[str]:

@@ -12,18 +12,13 @@ import importlib
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from core.conf import CONF_DIR
 from core.errors import ConfigError
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-PERSPECTIVES = ("entity", "relation")
-RELATION_SPANS = ("template", "phrase")
 
 
 @dataclass
@@ -184,26 +179,3 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("kloc.cwd", lambda: os.getcwd())
     if not OmegaConf.has_resolver("kloc.dirname"):
         OmegaConf.register_new_resolver("kloc.dirname", dirname_from_overrides)
-
-
-def available_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-
-
-def model_config_by_name(name: str):
-    """Compose ``conf/model/<name>.yaml`` outside Hydra (notebooks, scripts)."""
-    from models.config import ModelConfig
-
-    path = CONF_DIR / "model" / f"{name}.yaml"
-    if not path.exists():
-        raise ConfigError("model", name, "unknown model config", hint=f"available: {', '.join(available_options('model'))}")
-    values = OmegaConf.load(path)
-    values.pop("defaults", None)
-    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), values)
-    return OmegaConf.to_object(merged)
-
-
-def check_choice(key: str, value: str, choices: tuple[str, ...] | list[str]) -> str:
-    if value not in choices:
-        raise ConfigError(key, value, "not a valid choice", hint=f"use one of {', '.join(choices)}")
-    return value

@@ -57,7 +57,7 @@ StageFn = Callable[[DictConfig, Path, Any], dict]
 
 def stage_function(name: str) -> StageFn:
     """Stages live in ``pipeline/stages/<name>.py`` as ``run(cfg, job_dir, logger) -> dict``."""
-    from pipeline.config import available_options
+    from core.conf import available_options
 
     try:
         module = importlib.import_module(f"pipeline.stages.{name}")

@@ -53,7 +53,8 @@ def compose_config(tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from pipeline.config import CONF_DIR, register_configs
+    from core.conf import CONF_DIR
+    from pipeline.config import register_configs
 
     register_configs()
 

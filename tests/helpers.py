@@ -54,7 +54,8 @@ def race_identical_jobs(out_dir: str, trials: int) -> list[list[str]]:
 
     from hydra import compose, initialize_config_dir
 
-    from pipeline.config import CONF_DIR, register_configs
+    from core.conf import CONF_DIR
+    from pipeline.config import register_configs
     from pipeline.jobs import run_job
 
     register_configs()

@@ -160,7 +160,8 @@ def test_read_only_cache_serves_a_whole_job_and_names_the_dir_for_a_missing_entr
     script = (
         "import sys, json\n"
         "from hydra import compose, initialize_config_dir\n"
-        "from pipeline.config import CONF_DIR, register_configs\n"
+        "from core.conf import CONF_DIR\n"
+        "from pipeline.config import register_configs\n"
         "from pipeline.jobs import run_job\n"
         "from core.errors import ToolkitError\n"
         "register_configs()\n"

@@ -7,7 +7,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from pipeline.config import SCHEMAS, available_options
+from core.conf import available_options
+from pipeline.config import SCHEMAS
 
 GROUPS = ("model", "dataset", "perspective", "editor", "stage", "logger", "experiment")
 
@@ -101,3 +102,50 @@ def test_demo_settings_reach_the_chosen_stage_and_both_steps_of_full(compose_con
     assert full.name == "full" and full.edit.n_cases == 3 and full.trace == trace
     plain = compose_config("stage=edit").stage  # without the experiment: the stage's own defaults
     assert plain.n_cases == 100
+
+
+# The launcher class each `conf/hydra/launcher/*.yaml` must name; a new launcher file needs an entry.
+LAUNCHER_TARGETS = {
+    "local": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
+    "slurm": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+    "ray": "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher",
+}
+
+
+def test_every_launcher_file_has_an_expected_target():
+    assert sorted(LAUNCHER_TARGETS) == available_options("hydra/launcher")
+
+
+@pytest.mark.parametrize("launcher", available_options("hydra/launcher"))
+def test_every_launcher_option_composes(compose_config, launcher):
+    """What `--cfg hydra hydra/launcher=<launcher>` prints: it composes, resolves and names its class.
+
+    The class itself is only imported where its plugin is installed (`.[cluster]`, `.[ray]`).
+    """
+    import importlib.util
+
+    from hydra.plugins.launcher import Launcher
+    from hydra.utils import get_class
+
+    cfg = compose_config(f"hydra/launcher={launcher}", return_hydra_config=True)
+    assert cfg.hydra.runtime.choices["hydra/launcher"] == launcher
+    launcher_cfg = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    target = launcher_cfg["_target_"]
+    assert target == LAUNCHER_TARGETS[launcher]
+    plugin = target.rsplit(".", 2)[0]  # hydra_plugins.<plugin package>
+    if importlib.util.find_spec(plugin) is None:
+        pytest.skip(f"{plugin} is not installed, so {target} cannot be imported here")
+    assert issubclass(get_class(target), Launcher)
+
+
+def test_check_choice_names_key_value_and_the_choices():
+    from core.checks import check_choice
+    from core.errors import ConfigError, ModelError
+
+    assert check_choice("editor.rewrites", "all", ("main", "all")) == "all"
+    with pytest.raises(ConfigError) as info:
+        check_choice("editor.rewrites", "some", ("main", "all"))
+    assert (info.value.key, info.value.value, info.value.problem) == ("editor.rewrites", "some", "unknown choice")
+    assert info.value.hint == "use one of main, all"
+    with pytest.raises(ModelError, match="needs a mask"):
+        check_choice("model.attn_implementation", "flash", ["eager"], "needs a mask", error=ModelError)

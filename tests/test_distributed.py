@@ -25,7 +25,7 @@ def next_token_logprobs(model_name: str, prompts: list[str], device: torch.devic
     """A real shard task: load a replica on ``device`` and score each prompt's top-3 next tokens."""
     from models import load_model
     from models.config import ModelConfig
-    from pipeline.config import model_config_by_name
+    from models.config import model_config_by_name
 
     cfg: ModelConfig = model_config_by_name(model_name)
     cfg.device = str(device)

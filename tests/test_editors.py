@@ -284,3 +284,40 @@ def test_build_editor_refuses_a_config_renamed_to_another_editor():
     with pytest.raises(ConfigError) as info:
         build_editor(config)
     assert info.value.key == "editor.name" and "editor=memit" in info.value.hint
+
+
+def _editor_configs():
+    from editors.ft import FtConfig
+    from editors.kn import KnConfig
+    from editors.mend import MendConfig
+
+    return {"rome": RomeConfig, "memit": MemitConfig, "ft": FtConfig, "kn": KnConfig, "mend": MendConfig}
+
+
+def _config_error(make, n_layers: int = 12):
+    """The ConfigError raised by building a config and validating it for a 12-layer model (None if valid)."""
+    from core.errors import ConfigError
+
+    try:
+        make().validate(n_layers)
+    except ConfigError as error:
+        return error
+    return None
+
+
+@pytest.mark.parametrize("name", ["rome", "memit", "ft", "kn", "mend"])
+def test_editor_config_without_layers_is_a_config_error_or_valid(name):
+    """``RomeConfig()`` (layers required) names editor.layers, not a TypeError; the others have defaults."""
+    error = _config_error(_editor_configs()[name])
+    if name in ("rome", "memit"):
+        assert error is not None and error.key == "editor.layers" and "required" in error.problem
+        assert "editor_model" in error.hint
+    else:
+        assert error is None
+
+
+@pytest.mark.parametrize("layers", ["???", 5, "5", [], ["a"], [1.5], [True], [12], [-1]])
+@pytest.mark.parametrize("name", ["rome", "memit", "ft", "kn", "mend"])
+def test_editor_config_with_bad_layers_is_a_config_error(name, layers):
+    error = _config_error(lambda: _editor_configs()[name](layers=layers))
+    assert error is not None and error.key == "editor.layers"

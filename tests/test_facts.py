@@ -17,10 +17,10 @@ from facts.config import DatasetConfig
 from facts.load import load_facts
 from facts.perspectives import (
     BUILDER_VERSION,
+    build_entity_request,
     build_relation_request,
     build_relation_requests,
     corrupted_char_spans,
-    entity_request,
 )
 from facts.relations import load_relation_table, load_template_table
 from facts.schema import Fact
@@ -357,12 +357,12 @@ def test_corrupted_spans_phrase_mode(relations):
         corrupted_char_spans(mother, "object")
 
 
-def test_entity_request(all_cf):
-    request = entity_request(all_cf.by_case_id()[4])
+def test_build_entity_request(all_cf):
+    request = build_entity_request(all_cf.by_case_id()[4])
     assert (request.prompt, request.subject, request.target_new, request.target_true) == (
         "What is the twin city of Lyon? It is", "Lyon", "Manila", "Beirut")
     with pytest.raises(DataError):
-        entity_request(load_facts(DatasetConfig(name="known", limit=1))[0])
+        build_entity_request(load_facts(DatasetConfig(name="known", limit=1))[0])
 
 
 def test_relation_requests_hand_checked(all_cf, relations):

@@ -27,7 +27,8 @@ def sweep(tmp_path_factory, tiny_gpt2):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from pipeline.config import CONF_DIR, register_configs
+    from core.conf import CONF_DIR
+    from pipeline.config import register_configs
 
     root = tmp_path_factory.mktemp("figures")
     facts = root / "facts.jsonl"

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from core.bootstrap import bootstrap_indices
 from core.errors import DataError
-from metrics.aggregate import aggregate, bootstrap_indices, harmonic_mean, mean_ci
+from metrics.aggregate import aggregate, harmonic_mean, mean_ci
 from metrics.fields import METRICS, SCORES
 from metrics.pairwise import compare, prefers, probability_margin
 from metrics.ranking import reciprocal_rank, target_rank, top1

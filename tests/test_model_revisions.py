@@ -8,8 +8,9 @@ import re
 import pytest
 from omegaconf import OmegaConf
 
+from core.conf import CONF_DIR
 from models import load
-from pipeline.config import CONF_DIR, model_config_by_name
+from models.config import model_config_by_name
 
 SHA = re.compile(r"[0-9a-f]{40}")
 # An unpinned hub model must say why on the line itself: `revision: null  # <reason>`.

@@ -134,7 +134,7 @@ def test_engine_runs_in_half_precision(dtype):
     from dataclasses import replace
 
     from models import load_model
-    from pipeline.config import model_config_by_name
+    from models.config import model_config_by_name
 
     loaded = load_model(replace(model_config_by_name("tiny_llama"), dtype=dtype))
     assert next(loaded.model.parameters()).dtype == getattr(torch, dtype)

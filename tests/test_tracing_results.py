@@ -15,7 +15,7 @@ from helpers import write_known_user_facts
 from tracing import TraceResult, TraceSettings, embedding_std, trace
 from tracing.aggregate import RoleAIE, aggregate_aie, bootstrap_ratio, role_sums
 from tracing.api import perspective_char_spans
-from tracing.plots import plot_aie_curves, plot_role_heatmaps, plot_severed, plot_trace_grid
+from tracing.plots import plot_aie_curves, plot_role_heatmaps, plot_severed, plot_trace, plot_trace_grid
 from tracing.spans import contiguous_spans, corrupted_positions, token_positions, token_roles
 
 
@@ -149,7 +149,7 @@ def test_trace_api_save_load_cache_and_plot(tiny_gpt2, tmp_path, monkeypatch):
                    noise_std=0.2, cache_dir=tmp_path / "cache")
     assert torch.equal(cached.scores["hidden"], result.scores["hidden"])
 
-    result.plot("hidden", path=tmp_path / "fig" / "hidden")
+    plot_trace(result, "hidden", path=tmp_path / "fig" / "hidden")
     plot_trace_grid(result, tmp_path / "fig" / "grid")
     aggs = {n: aggregate_aie([result], n, n_bootstrap=20) for n in result.scores}
     plot_role_heatmaps([aggs["hidden"], aggs["attn"]], tmp_path / "fig" / "roles")

@@ -1,9 +1,10 @@
 """Causal tracing (ROME) from the entity and the relation perspective.
 
-``trace`` / ``trace_fact`` trace one fact with one call and return a ``TraceResult`` that saves,
-loads and plots itself; ``tracing.engine`` is the batched engine, ``tracing.reference`` the
+``trace`` / ``trace_fact`` trace one fact with one call and return a ``TraceResult`` that saves
+and loads itself; ``tracing.engine`` is the batched engine, ``tracing.reference`` the
 one-forward-per-restoration oracle it is tested against; ``tracing.aggregate`` computes AIE by
-token role with bootstrap intervals and ``tracing.plots`` draws the figures.
+token role with bootstrap intervals and ``tracing.plots`` draws the figures (``plot_trace`` for
+one result).
 """
 
 from tracing.api import default_noise_std, perspective_char_spans, resolve_settings, trace, trace_fact

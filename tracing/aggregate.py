@@ -15,8 +15,8 @@ import torch
 from einops import einsum
 from torch import Tensor
 
+from core.bootstrap import bootstrap_indices
 from core.errors import DataError
-from metrics.aggregate import bootstrap_indices
 from tracing.result import TraceResult
 from tracing.spans import ROLES
 

@@ -5,7 +5,8 @@
     >>> loaded = load_model("smollm2_135m")
     >>> result = trace(loaded, "The Eiffel Tower is located in the city of", subject="The Eiffel Tower",
     ...                kinds=("hidden", "mlp", "attn"), perspective="entity")
-    >>> result.plot("hidden", path="eiffel_hidden")   # eiffel_hidden.png + .pdf
+    >>> from tracing.plots import plot_trace
+    >>> plot_trace(result, "hidden", path="eiffel_hidden")  # eiffel_hidden.png + .pdf
     >>> result.save("out/eiffel")                      # trace.safetensors + trace.json
 """
 

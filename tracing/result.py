@@ -100,10 +100,3 @@ class TraceResult:
             scores=scores, settings=TraceSettings(**settings), subject=meta["subject"],
             case_id=meta["case_id"], model=meta["model"], seconds=meta.get("seconds", 0.0),
         )
-
-    # -- figures ---------------------------------------------------------------------
-    def plot(self, name: str = "hidden", path: str | Path | None = None, ax=None):
-        """ROME-style heatmap of one score table; saved as PNG and PDF when ``path`` is given."""
-        from tracing.plots import plot_trace
-
-        return plot_trace(self, name, path=path, ax=ax)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
+from core.checks import check_choice
 from core.errors import ConfigError
 
 KINDS = ("hidden", "mlp", "attn")
@@ -53,8 +54,7 @@ class TraceSettings:
             raise ConfigError("trace.window", self.window, "must be >= 1", hint="ROME uses 10")
         if self.samples < 1:
             raise ConfigError("trace.samples", self.samples, "must be >= 1", hint="ROME uses 10")
-        if self.noise not in NOISE_DISTRIBUTIONS:
-            raise ConfigError("trace.noise", self.noise, "unknown noise distribution", hint=f"use one of {', '.join(NOISE_DISTRIBUTIONS)}")
+        check_choice("trace.noise", self.noise, NOISE_DISTRIBUTIONS, "unknown noise distribution")
         if self.noise_scale is not None and self.noise_scale < 0:
             raise ConfigError("trace.noise_scale", self.noise_scale, "must be >= 0 or null", hint="null means noise_factor x embedding std")
 

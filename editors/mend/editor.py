@@ -14,10 +14,11 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from core.checks import check_choice, check_layers
 from core.errors import ConfigError
 from editors.base import EditResult, Editor
 from editors.deltas import WeightDeltas
-from editors.ft import REWRITE_CHOICES, check_choice, rewrite_pairs, target_batch
+from editors.ft import REWRITE_CHOICES, rewrite_pairs, target_batch
 from editors.mend.checkpoint import find_checkpoint, load_checkpoint
 from editors.mend.factors import gradient_factors, projection_names
 from editors.mend.network import MendNetwork, NetworkConfig
@@ -40,10 +41,7 @@ class MendConfig:
     def validate(self, n_layers: int) -> None:
         check_choice("editor.rewrites", self.rewrites, REWRITE_CHOICES)
         if self.layers is not None:
-            bad = [layer for layer in self.layers if not 0 <= layer < n_layers]
-            if bad or not self.layers:
-                raise ConfigError("editor.layers", list(self.layers), f"needs layers in 0-{n_layers - 1}",
-                                  "use null for the checkpoint's layers")
+            check_layers("editor.layers", self.layers, n_layers, hint="use null for the checkpoint's layers")
         if self.network.rank < 1 or self.network.n_hidden < 0 or self.network.edit_lr <= 0:
             raise ConfigError("editor.network", self.network, "rank >= 1, n_hidden >= 0 and edit_lr > 0 are required", "")
 

@@ -26,7 +26,6 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-import torch
 from torch import Tensor, nn
 
 from core.errors import ModelError
@@ -163,7 +162,3 @@ def adapter_for(model: nn.Module) -> ArchitectureAdapter:
             hint=f"supported: {', '.join(supported_model_types())}; add one in models/adapters/",
         )
     return _REGISTRY[model_type](config)
-
-
-def param_dtype(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype

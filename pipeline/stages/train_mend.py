@@ -20,6 +20,7 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from core.checks import check_choice
 from core.errors import ConfigError
 from core.io import atomic_write_jsonl
 from editors.mend import (MendConfig, MendTrainConfig, examples_from_facts, examples_from_relation_requests, save_checkpoint,
@@ -45,10 +46,8 @@ class TrainMendStageConfig(MendTrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.examples not in EXAMPLES:
-            raise ConfigError("stage.examples", self.examples, "unknown choice", f"use one of {', '.join(EXAMPLES)}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError("stage.precision", self.precision, "unknown precision", f"use one of {', '.join(PRECISIONS)}")
+        check_choice("stage.examples", self.examples, EXAMPLES)
+        check_choice("stage.precision", self.precision, PRECISIONS, "unknown precision")
         if self.train_limit is not None and self.train_limit < 1:
             raise ConfigError("stage.train_limit", self.train_limit, "must be >= 1 or null")
 
@@ -69,7 +68,7 @@ def _examples(kind: str, split: str, limit: Optional[int], cfg: DictConfig):
 def mend_config(cfg: DictConfig) -> MendConfig:
     """``cfg.editor`` when it is mend; with editor=none, conf/editor/mend.yaml + editor_model/mend_<model>.yaml."""
     if cfg.editor.name == "none":
-        from pipeline.config import CONF_DIR
+        from core.conf import CONF_DIR
 
         layers = [OmegaConf.load(CONF_DIR / "editor" / "mend.yaml")]
         per_model = CONF_DIR / "editor_model" / f"mend_{cfg.model.name}.yaml"
