@@ -28,10 +28,10 @@ NGRAM_WEIGHTS: tuple[float, ...] = (2 / 3, 4 / 3)
 # Close to NLTK's Treebank word tokenizer (what ROME's nltk.word_tokenize uses): words (hyphenated
 # ones whole), clitics split off ("do" "n't", "Paris" "'s"), "..." as one token, any other
 # punctuation mark as its own token. Differences from NLTK: no sentence splitting, so an
-# abbreviation's inner period ("U.S.") becomes separate tokens, and quotes are not rewritten
-# to `` ''. Entropy depends only on how often n-grams repeat, not on their spelling, so these
+# abbreviation's inner period ("U.S.") and a name's apostrophe ("O'Brien") split the word, and
+# quotes are not rewritten to `` ''. Entropy depends only on how often n-grams repeat, not on their spelling, so these
 # differences move a text's score only where they change which n-grams are equal.
-_WORD = re.compile(r"\w+(?=n't\b)|n't\b|'(?:s|re|ve|ll|d|m)\b|\w+(?:[-']\w+)*|\.\.\.|[^\w\s]", re.IGNORECASE)
+_WORD = re.compile(r"\w+(?=n't\b)|n't\b|'(?:s|re|ve|ll|d|m)\b|\w+(?:-\w+)*|\.\.\.|[^\w\s]", re.IGNORECASE)
 
 
 def word_tokens(text: str) -> list[str]:

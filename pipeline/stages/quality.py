@@ -41,7 +41,7 @@ class QualitySettings:
     # Prompts per case to generate from: the rewrite prompt, then paraphrases (ROME: ~10 generation prompts).
     n_generation_prompts: int = 2
     # Held-out WikiText tokens for the NLL (first N of the WikiText-2 test split), scored in windows.
-    nll_tokens: int = 2048
+    nll_tokens: int = 1024
     nll_window: int = 512
     # Cases shown in examples.md (pre/post generations side by side).
     n_examples: int = 3
