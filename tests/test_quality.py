@@ -197,7 +197,7 @@ def test_a_wrecked_model_is_flagged_collapsed_and_never_a_success(compose_config
     from pipeline.jobs import run_job
 
     monkeypatch.setattr(edit, "build_editor", lambda *args, **kwargs: _Wrecker())
-    job = tmp_path / "job"
+    job = tmp_path / "sweep" / "job"
     results = run_job(compose_config("stage=edit", "editor=rome", "perspective=entity", *FAST), job)["results"]
     rows = read_jsonl(job / "cases.jsonl")
     assert results["n_collapsed"] == 2 and all(row["collapsed"] for row in rows)
@@ -209,3 +209,11 @@ def test_a_wrecked_model_is_flagged_collapsed_and_never_a_success(compose_config
     assert table["entity.reliability_guarded"]["post"]["mean"] == 0.0 and table["entity.score_guarded"]["post"]["mean"] == 0.0
     assert table["quality.collapsed"]["post"]["mean"] == 1.0
     assert "Collapsed edits: 2" in (job / "table.md").read_text()
+
+    # the sweep summary shows the collapse count and prints NLL in nats, not as a percentage
+    run_job(compose_config("stage=summarize", f"stage.sweep_dir={tmp_path / 'sweep'}", "logger=none"), tmp_path / "summary")
+    summary = (tmp_path / "summary" / "summary.md").read_text()
+    assert "rome entity (tiny_gpt2): 2 of 2" in summary
+    nll_row = next(line for line in summary.splitlines() if "| quality | nll |" in line)
+    assert f"| {rows[0]['pre']['quality.nll']:.3f} |" in nll_row and "%" not in nll_row
+    assert "| entity | reliability_guarded |" in summary
