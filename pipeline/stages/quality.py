@@ -35,13 +35,15 @@ class QualitySettings:
     """``stage.quality``: what the fluency / general-ability scores cost and when an edit collapsed."""
 
     enabled: bool = True
-    # Greedy tokens per generation. ROME generates 100; 40 keeps a 3-case SmolLM2 demo within
-    # seconds on 2 CPU cores, and still gives ~30 words, enough for a loop to show in the entropy.
-    max_new_tokens: int = 40
+    # Greedy tokens per generation. ROME generates 100; 32 (~25 words, enough for a loop to show in
+    # the entropy) keeps the extra cost of a 3-case SmolLM2 demo near 20 s on 2 shared CPU cores.
+    max_new_tokens: int = 32
     # Prompts per case to generate from: the rewrite prompt, then paraphrases (ROME: ~10 generation prompts).
     n_generation_prompts: int = 2
     # Held-out WikiText tokens for the NLL (first N of the WikiText-2 test split), scored in windows.
-    nll_tokens: int = 1024
+    # One pass per edit (~1.7 s for 512 tokens on SmolLM2, 1 CPU thread). Pre and post read the same
+    # tokens, so the paired difference is not sampling noise; raise it (e.g. 4096) on a GPU.
+    nll_tokens: int = 512
     nll_window: int = 512
     # Cases shown in examples.md (pre/post generations side by side).
     n_examples: int = 3
