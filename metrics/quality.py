@@ -21,6 +21,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from core.errors import ConfigError
+
 # ROME's n-gram orders and weights (compute_n_gram_entropy defaults).
 NGRAM_ORDERS: tuple[int, ...] = (2, 3)
 NGRAM_WEIGHTS: tuple[float, ...] = (2 / 3, 4 / 3)
@@ -95,8 +97,6 @@ class CollapseThresholds:
     max_fluency_drop: float = 0.2
 
     def validate(self, prefix: str = "collapse") -> None:
-        from core.errors import ConfigError
-
         if not self.max_nll_increase > 0:
             raise ConfigError(f"{prefix}.max_nll_increase", self.max_nll_increase, "must be > 0", "e.g. 0.1 nats/token")
         if not 0 < self.max_fluency_drop <= 1:

@@ -217,3 +217,19 @@ def test_a_wrecked_model_is_flagged_collapsed_and_never_a_success(compose_config
     nll_row = next(line for line in summary.splitlines() if "| quality | nll |" in line)
     assert f"| {rows[0]['pre']['quality.nll']:.3f} |" in nll_row and "%" not in nll_row
     assert "| entity | reliability_guarded |" in summary
+
+
+def test_quality_settings_are_validated_and_typos_fail(compose_config):
+    from omegaconf import OmegaConf
+
+    from core.errors import ConfigError
+
+    for override, key in (("stage.quality.collapse.max_fluency_drop=1.5", "stage.quality.collapse.max_fluency_drop"),
+                          ("stage.quality.max_new_tokens=0", "stage.quality.max_new_tokens"),
+                          ("stage.quality.nll_tokens=1", "stage.quality.nll_tokens")):
+        with pytest.raises(ConfigError) as error:
+            OmegaConf.to_object(compose_config("stage=edit", override).stage).validate()
+        assert error.value.key == key
+    OmegaConf.to_object(compose_config("stage=full", "stage.edit.quality.n_examples=0").stage).edit.validate("stage.edit")
+    with pytest.raises(Exception):
+        compose_config("stage=edit", "stage.quality.max_new_token=3")
