@@ -25,6 +25,8 @@ LOG2_3 = math.log2(3)
 def test_word_tokens_split_clitics_and_punctuation_like_treebank():
     assert word_tokens("Don't stop, Paris's well-known cafe...") == \
         ["Do", "n't", "stop", ",", "Paris", "'s", "well-known", "cafe", "..."]
+    assert word_tokens('O\'Brien said "3.5 in the U.S." here.') == \
+        ["O'Brien", "said", "``", "3.5", "in", "the", "U.S.", "''", "here", "."]
 
 
 def test_ngram_entropy_hand_computed():
@@ -41,6 +43,25 @@ def test_repeated_tokens_and_empty_texts_have_no_entropy():
     looping = "the language of the language of the language of the language of the"
     fluent = "the film was shot in Paris and released in France two years later by Gaumont"
     assert text_ngram_entropy(looping) < 0.6 * text_ngram_entropy(fluent)
+
+
+# SmolLM2 generations with ROME's score computed by NLTK 3.10.4 (sentences split at ". ", then
+# NLTKWordTokenizer, then ROME's compute_n_gram_entropy formula), outside the package.
+NLTK_FIXTURES = [
+    (" French. She is a Canadian artist who has been inspired by the French language. She is a painter, writer, "
+     "and musician. She is also a musician,", 4.648789534490213),
+    (" the past. I'm from the future. I'm a time traveler, and I'm here to learn from you. I'm here to help you, to",
+     4.547946030929246),
+    (" English. She is a native of the United States. She is a mother of 12. She is a mother of 10. She is a",
+     3.8600894543156916),
+    (' of the Church of England, and his diet is often described as "unhealthy" by the Church. Edwin of Northumbria '
+     "is also associated with the Church", 4.715770838530996),
+]
+
+
+@pytest.mark.parametrize("text, expected", NLTK_FIXTURES)
+def test_ngram_entropy_matches_rome_with_nltk(text, expected):
+    assert text_ngram_entropy(text) == pytest.approx(expected, abs=1e-9)
 
 
 def test_ngram_entropy_is_the_mean_over_texts():
