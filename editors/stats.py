@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -28,6 +27,7 @@ from core.checks import check_choice
 from core.errors import ConfigError, DataError
 from core.hashing import CacheEntry
 from core.io import atomic_save_tensors
+from facts.sources import wikitext_paragraphs
 from models.hooks import Hooks
 from models.load import LoadedModel
 
@@ -58,19 +58,6 @@ class StatsConfig:
 
 
 # ------------------------------------------------------------------------------------- corpora
-def _clean_wikitext(text: str) -> list[str]:
-    """Paragraphs of a WikiText file: headings dropped, `` @-@ `` joins and ``<unk>`` removed."""
-    paragraphs = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("="):
-            continue
-        line = re.sub(r" @(.)@ ", r"\1", line.replace("<unk>", ""))
-        line = re.sub(r" ([,.;:!?)'])", r"\1", re.sub(r"\s+", " ", line))
-        paragraphs.append(line.strip())
-    return paragraphs
-
-
 def _hub_texts(corpus: str, n_samples: int) -> list[str]:
     try:
         from datasets import load_dataset
@@ -109,11 +96,11 @@ def corpus_texts(config: StatsConfig, data_dir: str | Path | None = None) -> lis
             file = Path(config.path) / name
             if not file.exists():
                 raise DataError("stats.path", str(file), "WikiText-2 file missing", "point stats.path at the wikitext dir")
-            texts += _clean_wikitext(file.read_text(encoding="utf-8"))
+            texts += wikitext_paragraphs(file.read_text(encoding="utf-8"))
     else:
         from facts.sources import wikitext
 
-        texts = [p for name in WIKITEXT2_FILES for p in _clean_wikitext(wikitext(name, data_dir=data_dir))]
+        texts = [p for name in WIKITEXT2_FILES for p in wikitext_paragraphs(wikitext(name, data_dir=data_dir))]
     if len(texts) < config.n_samples:
         log.info("corpus %s has %d samples (< n_samples=%d): using all", config.corpus, len(texts), config.n_samples)
     return texts[: config.n_samples]

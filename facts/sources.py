@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import json
 import logging
+import re
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,6 +256,19 @@ def wikitext(file: str = "wikitext-2-raw/wiki.test.raw", data_dir: str | Path | 
     """
     check_choice("wikitext.file", file, WIKITEXT_FILES, "unknown WikiText file")
     return resolve(f"wikitext/{file}", data_dir=data_dir).text()
+
+
+def wikitext_paragraphs(text: str) -> list[str]:
+    """Paragraphs of a WikiText file: headings dropped, `` @-@ `` joins and ``<unk>`` removed."""
+    paragraphs = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("="):
+            continue
+        line = re.sub(r" @(.)@ ", r"\1", line.replace("<unk>", ""))
+        line = re.sub(r" ([,.;:!?)'])", r"\1", re.sub(r"\s+", " ", line))
+        paragraphs.append(line.strip())
+    return paragraphs
 
 
 def identify(path: str | Path, names: tuple[str, ...]) -> Resolved:

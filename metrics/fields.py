@@ -28,6 +28,15 @@ SCORES: dict[str, tuple[str, ...]] = {
     "relation.score_strict": ("relation.top1", "relation.generality_top1", "relation.locality_top1"),
 }
 
+# Edit jobs only: the model's own quality (``metrics.quality``), pre and post, and the success rates
+# again with collapsed edits counted as failures (``<rate>_guarded``; pre-edit they equal the plain ones).
+QUALITY = ("quality.fluency", "quality.nll", "quality.collapsed")
+GUARDED_RATES = (*ENTITY_RATES, *RELATION_RATES, "relation.top1", "relation.generality_top1", "relation.locality_top1")
+GUARDED = tuple(f"{rate}_guarded" for rate in GUARDED_RATES)
+EDIT_METRICS: tuple[str, ...] = (*METRICS, *GUARDED, *QUALITY)
+EDIT_SCORES: dict[str, tuple[str, ...]] = {
+    **SCORES, **{f"{name}_guarded": tuple(f"{part}_guarded" for part in parts) for name, parts in SCORES.items()}}
+
 # Short descriptions for tables and docs.
 DESCRIPTIONS: dict[str, str] = {
     "entity.reliability": "P(o*) > P(o) on the rewrite prompt",
@@ -56,4 +65,10 @@ DESCRIPTIONS: dict[str, str] = {
     "entity.score_ext": "harmonic mean with generality_ext",
     "relation.score": "harmonic mean of reliability, generality, locality",
     "relation.score_strict": "harmonic mean of the three top-1 rates",
+    "quality.fluency": "n-gram entropy (bits) of greedy generations from the case's prompts (ROME)",
+    "quality.nll": "mean NLL (nats/token) on the held-out WikiText slice",
+    "quality.collapsed": "edit collapsed the model (NLL or fluency past its threshold)",
 }
+DESCRIPTIONS.update({f"{metric}_guarded": f"{DESCRIPTIONS[metric]}; collapsed edits count as failures"
+                     for metric in GUARDED_RATES})
+DESCRIPTIONS.update({f"{name}_guarded": f"{DESCRIPTIONS[name]}, guarded rates" for name in SCORES})

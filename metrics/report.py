@@ -6,7 +6,7 @@ import math
 from typing import Optional
 
 from metrics.aggregate import Estimate, EvaluationTable
-from metrics.fields import DESCRIPTIONS, SCORES
+from metrics.fields import DESCRIPTIONS, EDIT_SCORES
 
 
 def format_estimate(estimate: Optional[Estimate], digits: int = 3, signed: bool = False,
@@ -39,10 +39,10 @@ def render_markdown(table: EvaluationTable, title: Optional[str] = None, digits:
     for side in sides:
         rows = [row for row in table.rows if row.metric.split(".", 1)[0] == side]
         lines += [f"### {side} side", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for row in sorted(rows, key=lambda r: r.metric in SCORES):
+        for row in sorted(rows, key=lambda r: r.metric in EDIT_SCORES):
             name = row.metric.split(".", 1)[1]
             margin = row.metric.endswith("_margin")
-            cells = [f"**{name}**" if row.metric in SCORES else name, format_estimate(row.pre, digits, significant=margin)]
+            cells = [f"**{name}**" if row.metric in EDIT_SCORES else name, format_estimate(row.pre, digits, significant=margin)]
             if table.has_post:
                 cells += [format_estimate(row.post, digits, significant=margin),
                           format_estimate(row.delta, digits, signed=True, significant=margin)]

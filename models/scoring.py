@@ -244,3 +244,45 @@ def _continue_from_cache(loaded: LoadedModel, cache, prompt_mask: Tensor, prompt
                      **{_cache_keyword(loaded): cache}).last_hidden_state  # [pair step d_model]
     logprobs = _token_logprobs(loaded, rearrange(hidden, "pair step d -> (pair step) d"), following.flatten())
     return rearrange(logprobs, "(pair step) -> pair step", step=steps).cpu()
+
+
+# -- general ability: mean NLL of a token stream ------------------------------------------------------
+@torch.no_grad()
+def stream_nll(loaded: LoadedModel, tokens: Tensor, window: int = 512, batch_size: int = 1) -> float:
+    """Mean per-token NLL (nats) of a token stream, cut into consecutive non-overlapping windows.
+
+    tokens: [pos] int. ``window`` is capped at the model's context length. Each window is one sequence with no context from the previous one, so its
+    first token is not predicted; every other token is, once. A last, shorter window is scored
+    too (alone, so no window is padded). Windows of one batch share their length; an accelerator
+    out-of-memory halves the batch (``core.memory.halving_map``). Every predicting position goes
+    through the full unembedding (float32 log-softmax, ``pos x vocab`` per window: ~100 MB for a
+    512-token window of a 49k vocabulary), hence the small default batch.
+    """
+    if tokens.ndim != 1 or tokens.numel() < 2:
+        raise DataError("tokens", tuple(tokens.shape), "needs a 1-d stream of at least 2 tokens",
+                        hint="pass the held-out text's token ids")
+    if window < 2:
+        raise DataError("window", window, "a window needs at least 2 tokens", hint="e.g. 512")
+    config = loaded.model.config
+    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    window = min(window, context) if context else window  # never past the model's positions
+    tokens = tokens.to(loaded.device)
+    full = tokens.numel() // window
+    windows = [tokens[i * window:(i + 1) * window] for i in range(full)]
+    if tokens.numel() - full * window >= 2:
+        windows.append(tokens[full * window:])
+
+    def score(batch: list[Tensor]) -> list[Tensor]:  # -> [batch] of NLL sums (float64)
+        ids = torch.stack(batch)  # [batch pos]
+        hidden = _hidden(loaded, ids, torch.ones_like(ids)).last_hidden_state[:, :-1]  # [batch pos-1 d_model]
+        logprobs = _token_logprobs(loaded, rearrange(hidden, "b p d -> (b p) d"), ids[:, 1:].flatten())
+        return list((-rearrange(logprobs, "(b p) -> b p", b=len(batch)).double().sum(dim=1)).cpu().unbind())
+
+    total, count = 0.0, 0
+    groups: dict[int, list[Tensor]] = {}
+    for item in windows:  # equal lengths per batch: no padding
+        groups.setdefault(item.numel(), []).append(item)
+    for length, same_length in groups.items():
+        total += float(sum(halving_map(score, same_length, batch_size, what="quality.nll_batch")))
+        count += (length - 1) * len(same_length)
+    return total / count

@@ -77,6 +77,12 @@ def _relation_requests(loaded, base: Path) -> Any:
     return [request.to_dict() for request in built.requests]
 
 
+def _heldout_tokens(loaded, base: Path) -> Any:
+    from facts.heldout import HeldoutSlice, heldout_tokens
+
+    return heldout_tokens(loaded, HeldoutSlice(n_tokens=64), cache_dir=cache_of(base)).tolist()
+
+
 def _mend(loaded, base: Path) -> Any:
     from editors.mend.checkpoint import build_metadata, find_checkpoint, layer_shapes, load_checkpoint, save_to_cache
     from editors.mend.network import MendNetwork, NetworkConfig
@@ -131,6 +137,7 @@ KINDS = [
     CacheKind("second_moments", _second_moments, "*/mom2.safetensors"),
     CacheKind("context_templates", _context_templates, "*/templates.json"),
     CacheKind("relation_requests", _relation_requests, "*/requests.json"),
+    CacheKind("heldout_tokens", _heldout_tokens, "*/tokens.safetensors"),
     CacheKind("mend", _mend, "*/mend.safetensors"),
     CacheKind("mend", _mend, "*/mend.json"),
     CacheKind("models", _models, "*/model.safetensors", slow_repair=True),

@@ -102,4 +102,5 @@ def test_five_editor_sweep_joins_one_summary(tmp_path):
     frame = pd.read_csv(summaries[0])
     assert set(frame["editor"]) == {"ft", "kn", "mend", "rome", "memit"}
     pairs = set(zip(frame["editor"], frame["perspective"]))
-    assert len(pairs) == 10 and set(frame["side"]) == {"entity", "relation"}
+    assert len(pairs) == 10 and set(frame["side"]) == {"entity", "relation", "quality"}  # quality: fluency, NLL, collapse
+    assert frame["n_collapsed"].notna().all()

@@ -7,6 +7,14 @@ ROME edits one case at a time and restores the model after scoring it; MEMIT edi
 RaKE requests); cases without a known relation id have no relation request and are skipped in
 the relation perspective. Writes ``cases.jsonl`` (pre and post rows per case, plus the edit's
 diagnostics), ``aggregates.json`` and ``table.md``.
+
+Unless ``stage.quality.enabled=false``, each side's row also holds the model's own quality
+(``pipeline.stages.quality``): ``quality.fluency`` of greedy generations from the case's prompts,
+``quality.nll`` on a held-out WikiText slice, and the generations; a case is ``collapsed`` when
+the edit moved either past its threshold (``metrics.quality.is_collapsed``). The table then adds
+a ``quality`` side (fluency, NLL, collapse rate) and ``*_guarded`` rates and scores in which a
+collapsed edit counts as a failure: a binary metric alone can be passed by a wrecked model
+(o* and o both collapse, o* a little less). ``examples.md`` shows the first cases' generations.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import logging
 import shutil
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,10 +38,13 @@ from editors.requests import LOOKUPS
 from facts.relations import load_relation_table
 from metrics.aggregate import aggregate
 from metrics.evaluation import prepare_cases
+from metrics.fields import EDIT_METRICS, EDIT_SCORES, GUARDED_RATES
+from metrics.quality import guard_rows
 from metrics.report import render_markdown
 from models.load import LoadedModel
 from pipeline.jobs import PROGRESS
 from pipeline.stages.common import load_configured_facts, load_configured_model, with_load_summary
+from pipeline.stages.quality import COLLAPSED, GENERATIONS, QualityScorer, QualitySettings, collapsed, render_examples
 from pipeline.stages.scoring import ScoringSettings, score_cases, score_in_process
 
 log = logging.getLogger(__name__)
@@ -83,6 +94,8 @@ class EditStageConfig(ScoringSettings):
     edit_batch_size: Optional[int] = None
     # Relation perspective: key/lookup token of relation edits (subject_last as the authors; or prompt_last).
     relation_lookup: str = "subject_last"
+    # Fluency, held-out NLL and the collapse flag, pre and post (pipeline.stages.quality).
+    quality: QualitySettings = field(default_factory=QualitySettings)
 
     def validate(self, prefix: str = "stage") -> None:
         if self.n_cases < 1:
@@ -91,6 +104,7 @@ class EditStageConfig(ScoringSettings):
             raise ConfigError(f"{prefix}.edit_batch_size", self.edit_batch_size, "must be >= 1 or null")
         if self.relation_lookup not in LOOKUPS:
             raise ConfigError(f"{prefix}.relation_lookup", self.relation_lookup, "unknown lookup", f"use one of {', '.join(LOOKUPS)}")
+        self.quality.validate(f"{prefix}.quality")
         super().validate(prefix)
 
 
@@ -145,7 +159,15 @@ def edit_cases(cfg: DictConfig, settings: EditStageConfig, loaded: LoadedModel, 
         return relation_request(case.relation, lookup=settings.relation_lookup)
 
     progress = EditProgress(job_dir / PROGRESS)
-    pre = progress.pre(lambda: score_cases(loaded, OmegaConf.to_object(cfg.model), cases, relations, settings, cfg.paths.cache_dir))
+    quality = QualityScorer(loaded, settings.quality, cfg.paths.cache_dir, cfg.paths.data_dir) if settings.quality.enabled else None
+
+    def score_pre() -> list[dict[str, Any]]:
+        rows = score_cases(loaded, OmegaConf.to_object(cfg.model), cases, relations, settings, cfg.paths.cache_dir)
+        if quality is None:
+            return rows
+        return [{**row, **extra} for row, extra in zip(rows, quality.score(cases))]
+
+    pre = progress.pre(score_pre)
     batch = settings.edit_batch_size or editor.default_edit_batch_size
     post: list[dict[str, Any]] = []
     edits: list[dict[str, Any]] = []
@@ -156,6 +178,8 @@ def edit_cases(cfg: DictConfig, settings: EditStageConfig, loaded: LoadedModel, 
         """One edit of ``group``, scored while in force, then restored: a (post row, edit info) per case."""
         with editor.apply(loaded, [request(case) for case in group]) as result:
             rows = score_in_process(loaded, group, relations, settings.batch_size)
+            if quality is not None:  # while the edit is in force: one held-out NLL per edit
+                rows = [{**row, **extra} for row, extra in zip(rows, quality.score(group))]
         return [(row, {**info, "case_id": case.case_id, "edit_seconds": result.seconds / len(group)})
                 for case, row, info in zip(group, rows, result.infos)]
 
@@ -165,21 +189,32 @@ def edit_cases(cfg: DictConfig, settings: EditStageConfig, loaded: LoadedModel, 
         post += [row for row, _ in done]
         edits += [info for _, info in done]
         edit_seconds += sum(info["edit_seconds"] for _, info in done)
-    table = aggregate(pre, post, n_resamples=settings.n_resamples, confidence=settings.confidence, seed=cfg.seed)
-    name = loaded.identity.get("name", cfg.model.name)
-    title = f"{editor_config.name} {perspective} edits of {name} on {cfg.dataset.name} ({len(cases)} cases)"
     by_case = {row["case_id"]: row for row in post}
     edit_of = {row["case_id"]: row for row in edits}
-    rows = [{"case_id": row["case_id"], "pre": row, "post": by_case[row["case_id"]], "edit": edit_of[row["case_id"]]}
-            for row in pre]
+    if quality is not None:
+        pre, post, table, n_collapsed = _guarded_table(pre, by_case, settings, cfg.seed)
+        by_case = {row["case_id"]: row for row in post}
+    else:
+        table, n_collapsed = aggregate(pre, post, n_resamples=settings.n_resamples, confidence=settings.confidence,
+                                       seed=cfg.seed), None
+    name = loaded.identity.get("name", cfg.model.name)
+    title = f"{editor_config.name} {perspective} edits of {name} on {cfg.dataset.name} ({len(cases)} cases)"
+    rows = [{"case_id": row["case_id"], "pre": row, "post": by_case[row["case_id"]], "edit": edit_of[row["case_id"]],
+             **({"collapsed": bool(by_case[row["case_id"]][COLLAPSED])} if quality is not None else {})} for row in pre]
+    files = ["cases.jsonl", "aggregates.json", "table.md"]
     atomic_write_jsonl(job_dir / "cases.jsonl", rows)
     atomic_write_json(job_dir / "aggregates.json", {"title": title, "editor": editor_config.name,
                                                     "perspective": perspective, **table.to_dict()})
-    atomic_write_text(job_dir / "table.md", render_markdown(table, title))
+    atomic_write_text(job_dir / "table.md", render_markdown(table, title) + _collapse_note(settings, n_collapsed))
+    if quality is not None and settings.quality.n_examples:
+        facts_by_id = {case.case_id: case.fact for case in cases}
+        atomic_write_text(job_dir / "examples.md", render_examples(rows, facts_by_id, settings.quality.n_examples, title,
+                                                                   settings.quality.collapse))
+        files.append("examples.md")
     progress.clear()
     logger.log_scalars({f"edit/{key}": value for key, value in table.scalars().items() if not math.isnan(value)})
-    logger.log_table("edit/cases", [{"case_id": r["case_id"], **{f"post.{k}": v for k, v in r["post"].items() if k != "case_id"}}
-                                     for r in rows])
+    logger.log_table("edit/cases", [{"case_id": r["case_id"], **{f"post.{k}": v for k, v in r["post"].items()
+                                                                 if k not in ("case_id", GENERATIONS)}} for r in rows])
     summary = {
         "model": name, "dataset": cfg.dataset.name, "editor": editor_config.name, "perspective": perspective,
         "layers": list(editor_config.layers), "n_cases": len(cases), "edit_batch_size": batch,
@@ -189,7 +224,36 @@ def edit_cases(cfg: DictConfig, settings: EditStageConfig, loaded: LoadedModel, 
         "seconds_per_edit": round(edit_seconds / len(groups), 3),
         "seconds_per_case": round(edit_seconds / len(cases), 3),
         "seconds": round(time.time() - started, 2),
-        "files": ["cases.jsonl", "aggregates.json", "table.md"],
+        "n_collapsed": n_collapsed,
+        "files": files,
     }
     log.info("%s", render_markdown(table, title))
     return summary
+
+
+def _guarded_table(pre: list[dict[str, Any]], post_by_case: dict[Any, dict[str, Any]], settings: EditStageConfig,
+                   seed: int) -> tuple[list[dict], list[dict], Any, int]:
+    """Flag collapsed edits, add the ``*_guarded`` rates (collapsed = failure) and aggregate everything.
+
+    Pre-edit rows get ``quality.collapsed = 0`` (nothing was edited yet), so the post row of that
+    metric is the collapse rate and its delta is paired like every other metric.
+    """
+    flags = {row["case_id"]: collapsed(row, post_by_case[row["case_id"]], settings.quality.collapse) for row in pre}
+    pre = guard_rows([{**row, COLLAPSED: 0.0} for row in pre], {}, GUARDED_RATES)
+    post = guard_rows([{**post_by_case[row["case_id"]], COLLAPSED: float(flags[row["case_id"]])} for row in pre], flags,
+                      GUARDED_RATES)
+    table = aggregate(pre, post, metrics=EDIT_METRICS, scores=EDIT_SCORES, n_resamples=settings.n_resamples,
+                      confidence=settings.confidence, seed=seed)
+    n_collapsed = sum(flags.values())
+    table.counts["n_collapsed"] = n_collapsed
+    return pre, post, table, n_collapsed
+
+
+def _collapse_note(settings: EditStageConfig, n_collapsed: Optional[int]) -> str:
+    if n_collapsed is None:
+        return ""
+    thresholds = settings.quality.collapse
+    return (f"\nCollapsed edits: {n_collapsed}. An edit collapses when the held-out NLL rises by more than "
+            f"{thresholds.max_nll_increase} nats/token or fluency falls by more than {thresholds.max_fluency_drop:.0%} "
+            "(stage.quality.collapse). The plain rates count every edit as measured; the `*_guarded` rates and "
+            "scores count a collapsed edit as a failure, so a broken model is never a success there.\n")

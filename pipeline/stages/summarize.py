@@ -39,11 +39,20 @@ class SummarizeStageConfig:
     # Metrics for the markdown table (all metrics go to the csv / parquet).
     metrics: list[str] = field(default_factory=lambda: [
         "entity.reliability", "entity.generality", "entity.locality", "entity.score",
-        "relation.reliability", "relation.generality", "relation.locality", "relation.removal", "relation.score"])
+        "relation.reliability", "relation.generality", "relation.locality", "relation.removal", "relation.score",
+        "entity.reliability_guarded", "entity.score_guarded", "relation.reliability_guarded", "relation.score_guarded",
+        "quality.fluency", "quality.nll", "quality.collapsed"])
+
+# Metrics in their own units (bits, nats/token), printed as they are; every other metric is a rate (%).
+UNIT_METRICS = ("quality.fluency", "quality.nll")
 
 
 def collect(sweep_dir: str | Path) -> pd.DataFrame:
-    """Tidy edit rows: job, model, editor, perspective, side, metric, stage (pre/post), mean, low, high, n."""
+    """Tidy edit rows: job, model, editor, perspective, side, metric, stage (pre/post), mean, low, high, n, n_collapsed.
+
+    ``n_collapsed`` (edits flagged by ``metrics.quality.is_collapsed``) is None for jobs run without
+    ``stage.quality`` (or before it existed).
+    """
     rows: list[dict[str, Any]] = []
     for job_dir, directory, summary in finished_steps(sweep_dir, "edit"):
         if not (directory / "aggregates.json").exists():
@@ -56,7 +65,8 @@ def collect(sweep_dir: str | Path) -> pd.DataFrame:
                 rows.append({"job": job_dir.name, "model": summary["model"], "editor": summary["editor"],
                              "perspective": summary["perspective"], "n_cases": summary["n_cases"],
                              "side": row["metric"].split(".")[0], "metric": row["metric"].split(".", 1)[1], "stage": stage,
-                             "mean": estimate["mean"], "low": estimate["low"], "high": estimate["high"], "n": estimate["n"]})
+                             "mean": estimate["mean"], "low": estimate["low"], "high": estimate["high"], "n": estimate["n"],
+                             "n_collapsed": summary.get("n_collapsed")})
     return pd.DataFrame(rows)
 
 
@@ -74,7 +84,8 @@ def collect_aie(sweep_dir: str | Path) -> pd.DataFrame:
 
 
 def markdown(frame: pd.DataFrame, metrics: list[str]) -> str:
-    """editor x perspective x side x metric, pre -> post (in %), with the paper's GPT-2 XL values."""
+    """editor x perspective x side x metric, pre -> post (in %; fluency and NLL in bits and nats/token),
+    with the paper's GPT-2 XL values, then the collapsed edits per job."""
     wanted = frame[(frame["side"] + "." + frame["metric"]).isin(metrics)]
     wide = wanted.pivot_table(index=["model", "editor", "perspective", "side", "metric"], columns="stage",
                               values="mean", aggfunc="first").reset_index()
@@ -84,14 +95,24 @@ def markdown(frame: pd.DataFrame, metrics: list[str]) -> str:
     for record in wide.sort_values(["model", "editor", "perspective", "side", "metric"]).to_dict("records"):
         key = (record["model"], record["editor"], record["perspective"], record["side"], record["metric"])
         paper = PAPER_EDITING.get(record["metric"], {}).get((record["editor"], record["perspective"], record["side"]))
-        post = _percent(record.get("post"))
+        show = _plain if f"{record['side']}.{record['metric']}" in UNIT_METRICS else _percent
+        post = show(record.get("post"))
         if post and key in bounds.index:
             bound = bounds.loc[[key]].iloc[0]
-            post += f" [{_percent(bound['low'], 0)}, {_percent(bound['high'], 0)}]"
-        cells = [_percent(record.get("pre")), post, f"{paper:.2f}" if paper is not None else ""]
+            post += f" [{show(bound['low'], 0 if show is _percent else 2)}, {show(bound['high'], 0 if show is _percent else 2)}]"
+        cells = [show(record.get("pre")), post, f"{paper:.2f}" if paper is not None else ""]
         lines.append(f"| {record['model']} | {record['editor']} | {record['perspective']} | {record['side']} | {record['metric']} | "
                      + " | ".join(cells) + " |")
+    if "n_collapsed" in frame and frame["n_collapsed"].notna().any():
+        jobs = frame.drop_duplicates("job").dropna(subset=["n_collapsed"])
+        lines += ["", "Collapsed edits (NLL or fluency past stage.quality.collapse; the `*_guarded` rates count them "
+                  "as failures): " + "; ".join(f"{r['editor']} {r['perspective']} ({r['model']}): {int(r['n_collapsed'])} "
+                                               f"of {r['n_cases']}" for r in jobs.to_dict("records")) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _plain(value: Any, digits: int = 3) -> str:
+    return "" if value is None or pd.isna(value) else f"{float(value):.{digits}f}"
 
 
 def _percent(value: Any, digits: int = 1) -> str:
