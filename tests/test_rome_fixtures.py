@@ -1,6 +1,8 @@
-"""ROME against the authors' code (kmeng01/rome), through fixtures made by tools/fixtures/rome_reference.py.
+"""ROME against the authors' code, through fixtures made outside the package: entity edits against
+kmeng01/rome (tools/fixtures/rome_reference.py -> tests/fixtures/rome) and relation edits against
+the RaKE authors' fork (tools/fixtures/rake_reference.py -> tests/fixtures/rake).
 
-tests/fixtures/rome/README.md says how the fixtures were made. Both sides see the same tiny GPT-2,
+The fixtures' README.md files say how they were made. Both sides see the same tiny GPT-2,
 requests, second moment (stored in the fixture) and context templates.
 
 Tolerances (relative, in the Frobenius / L2 norm):
@@ -16,21 +18,24 @@ Tolerances (relative, in the Frobenius / L2 norm):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from editors.keys import encode_prompt, keys_at, request_keys
-from editors.requests import EditRequest, Rewrite
+from editors.requests import EditRequest, Rewrite, relation_request
 from editors.rome import Rome, RomeConfig, rank_one_update
 from editors.values import ValueSettings, optimize_values
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 1 torch thread (2 shared cores)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "rome"
+RAKE = Path(__file__).parent / "fixtures" / "rake"
 DETERMINISTIC = 1e-4
 FP64_FACTOR = 10  # ours may differ from theirs by this multiple of their own fp32-vs-fp64 gap
 
@@ -58,6 +63,18 @@ def settings_of(hparams) -> ValueSettings:
 def optimiser_tolerance(tensors, i: int) -> float:
     gap = relative(tensors[f"r{i}.target_fp64"], tensors[f"r{i}.target"])
     return max(DETERMINISTIC, FP64_FACTOR * gap)
+
+
+def rome_editor(inputs, tensors, **overrides) -> Rome:
+    """A Rome editor with the fixture's hparams, context templates and second moment."""
+    hparams = inputs["hparams"]
+    config = RomeConfig(layers=[inputs["layer"]], v_num_grad_steps=hparams["v_num_grad_steps"], v_lr=hparams["v_lr"],
+                        v_weight_decay=hparams["v_weight_decay"], clamp_norm_factor=hparams["clamp_norm_factor"],
+                        kl_factor=hparams["kl_factor"], **overrides)
+    editor = Rome(config)
+    editor.contexts = lambda loaded: list(inputs["context_templates"])
+    editor.inverse_moment = lambda loaded, layer: torch.linalg.inv(tensors["second_moment"].double())
+    return editor
 
 
 def test_keys_and_u_match(tiny_gpt2, reference):
@@ -105,14 +122,71 @@ def test_optimised_value_matches(tiny_gpt2, reference):
 def test_rome_deltas_match(tiny_gpt2, reference):
     """Rome.apply: one request, and two in sequence (the second on the edited model), vs execute_rome/apply_rome_to_model."""
     inputs, tensors = reference
-    hparams, layer = inputs["hparams"], inputs["layer"]
-    config = RomeConfig(layers=[layer], v_num_grad_steps=hparams["v_num_grad_steps"], v_lr=hparams["v_lr"],
-                        v_weight_decay=hparams["v_weight_decay"], clamp_norm_factor=hparams["clamp_norm_factor"],
-                        kl_factor=hparams["kl_factor"])
-    editor = Rome(config)
-    editor.contexts = lambda loaded: list(inputs["context_templates"])
-    editor.inverse_moment = lambda loaded, layer: torch.linalg.inv(tensors["second_moment"].double())
+    editor = rome_editor(inputs, tensors)
     requests = requests_of(inputs)
+    tolerance = max(optimiser_tolerance(tensors, i) for i in range(len(requests)))
+    for i, request in enumerate(requests):
+        with editor.apply(tiny_gpt2, [request]) as result:
+            assert relative(result.deltas.deltas[inputs["weight"]], tensors[f"r{i}.delta"]) < tolerance
+    with editor.apply(tiny_gpt2, requests) as result:
+        assert relative(result.deltas.deltas[inputs["weight"]], tensors["sequential.delta"]) < tolerance
+
+
+# ------------------------------------------------------------------ relation edits (RaKE's execute_rel_rome)
+
+@pytest.fixture(scope="module")
+def rake():
+    inputs = json.loads((RAKE / "inputs.json").read_text())
+    return inputs, load_file(str(RAKE / "rake.safetensors"))
+
+
+def relation_requests_of(inputs) -> list[EditRequest]:
+    """Our relation requests from the authors' fields (what facts.perspectives.RelationRequest holds)."""
+    return [relation_request(SimpleNamespace(case_id=r["case_id"], subject=r["subject"], add_template=r["add_rel_prompt"],
+                                             target_add=r["relation"]["strs"][0], remove_template=r["rm_rel_prompt"],
+                                             target_remove="None"))
+            for r in inputs["requests"]]
+
+
+def test_relation_keys_and_closed_form(tiny_gpt2, rake):
+    """u from the removal prompt (compute_u_rel), the constraint key at the add prompt, the solve: 1e-4."""
+    inputs, tensors = rake
+    layer, contexts = inputs["layer"], inputs["context_templates"]
+    inverse = torch.linalg.inv(tensors["second_moment"].double())
+    out_proj = tiny_gpt2.adapter.module(tiny_gpt2.model, "mlp_out", layer)
+    for i, request in enumerate(relation_requests_of(inputs)):
+        key_star = request_keys(tiny_gpt2, [request], contexts, [layer])[layer][0]
+        assert relative(key_star, tensors[f"r{i}.key_star"]) < DETERMINISTIC
+        u = inverse @ key_star.double()
+        assert relative(u / u.norm(), tensors[f"r{i}.u"]) < DETERMINISTIC
+        bare = encode_prompt(tiny_gpt2.tokenizer, "{}", request.rewrites[0].template, request.subject, request.lookup)
+        key_prompt = keys_at(tiny_gpt2, [bare], [layer])[layer][0]
+        assert relative(key_prompt, tensors[f"r{i}.key_prompt"]) < DETERMINISTIC
+        with torch.no_grad():
+            current = out_proj(key_prompt[None])[0]
+        update = rank_one_update(tensors[f"r{i}.target"] - current, key_star, key_prompt, inverse)
+        assert relative(tiny_gpt2.adapter.to_stored_layout(update), tensors[f"r{i}.delta"]) < DETERMINISTIC
+
+
+def test_relation_value_authors_removal(tiny_gpt2, rake):
+    """relation_removal=authors reproduces compute_v_rel's v*; the default (" None") is a different objective."""
+    inputs, tensors = rake
+    layer, contexts = inputs["layer"], inputs["context_templates"]
+    authors = dataclasses.replace(settings_of(inputs["hparams"]), relation_removal="authors")
+    for i, request in enumerate(relation_requests_of(inputs)):
+        value = optimize_values(tiny_gpt2, [request], contexts, f"blocks.{layer}.hook_mlp_out", authors)[0]
+        assert relative(value.init, tensors[f"r{i}.init"]) < DETERMINISTIC
+        assert len(value.losses) == inputs["reference_steps"][str(i)]
+        assert relative(value.target, tensors[f"r{i}.target"]) < optimiser_tolerance(tensors, i)
+        spaced = optimize_values(tiny_gpt2, [request], contexts, f"blocks.{layer}.hook_mlp_out", settings_of(inputs["hparams"]))[0]
+        assert relative(spaced.target, tensors[f"r{i}.target"]) > optimiser_tolerance(tensors, i)
+
+
+def test_relation_rome_deltas_match(tiny_gpt2, rake):
+    """Rome.apply with relation_removal=authors vs execute_rel_rome, one request and two in sequence."""
+    inputs, tensors = rake
+    editor = rome_editor(inputs, tensors, relation_removal="authors")
+    requests = relation_requests_of(inputs)
     tolerance = max(optimiser_tolerance(tensors, i) for i in range(len(requests)))
     for i, request in enumerate(requests):
         with editor.apply(tiny_gpt2, [request]) as result:
