@@ -69,6 +69,7 @@ class LocateEditConfig:
 
     def __post_init__(self) -> None:
         check_layer_list("editor.layers", self.layers)  # required: a RomeConfig() without layers is refused here
+        check_choice("editor.relation_removal", self.relation_removal, RELATION_REMOVALS)
 
     def validate(self, n_layers: int) -> None:
         check_layers("editor.layers", self.layers, n_layers)
