@@ -68,7 +68,8 @@ def optimiser_tolerance(tensors, i: int) -> float:
 def rome_editor(inputs, tensors, **overrides) -> Rome:
     """A Rome editor with the fixture's hparams, context templates and second moment."""
     hparams = inputs["hparams"]
-    config = RomeConfig(layers=[inputs["layer"]], v_num_grad_steps=hparams["v_num_grad_steps"], v_lr=hparams["v_lr"],
+    overrides = {"layers": [inputs["layer"]], **overrides}
+    config = RomeConfig(v_num_grad_steps=hparams["v_num_grad_steps"], v_lr=hparams["v_lr"],
                         v_weight_decay=hparams["v_weight_decay"], clamp_norm_factor=hparams["clamp_norm_factor"],
                         kl_factor=hparams["kl_factor"], **overrides)
     editor = Rome(config)
@@ -130,6 +131,17 @@ def test_rome_deltas_match(tiny_gpt2, reference):
             assert relative(result.deltas.deltas[inputs["weight"]], tensors[f"r{i}.delta"]) < tolerance
     with editor.apply(tiny_gpt2, requests) as result:
         assert relative(result.deltas.deltas[inputs["weight"]], tensors["sequential.delta"]) < tolerance
+
+
+def test_rome_two_layers_match(tiny_gpt2, reference):
+    """One request at layers 1 and 2: layer 2's key and v* are computed on the model with layer 1 edited."""
+    inputs, tensors = reference
+    editor = rome_editor(inputs, tensors, layers=inputs["two_layers"])
+    tolerance = max(optimiser_tolerance(tensors, i) for i in range(len(inputs["requests"])))
+    with editor.apply(tiny_gpt2, requests_of(inputs)[:1]) as result:
+        for layer in inputs["two_layers"]:
+            name = f"transformer.h.{layer}.mlp.c_proj.weight"
+            assert relative(result.deltas.deltas[name], tensors[f"two_layers.{layer}.delta"]) < tolerance
 
 
 # ------------------------------------------------------------------ relation edits (RaKE's execute_rel_rome)
