@@ -13,7 +13,7 @@ from torch import Tensor
 
 from editors.keys import encode_prompt, request_contexts
 from editors.requests import EditRequest
-from editors.values import ValueResult, ValueSettings
+from editors.values import ValueResult, ValueSettings, rewrite_targets
 from models.hooks import Hooks
 from models.load import LoadedModel
 
@@ -22,12 +22,11 @@ def optimize_value_reference(loaded: LoadedModel, request: EditRequest, contexts
                              settings: ValueSettings) -> ValueResult:
     tokenizer, device = loaded.tokenizer, loaded.device
     rows, targets = [], []
-    for rewrite in request.rewrites:
-        target = tokenizer(" " + rewrite.target, add_special_tokens=False)["input_ids"]
+    for rewrite, (target, length) in zip(request.rewrites, rewrite_targets(tokenizer, request, settings.relation_removal)):
         for context in request_contexts(contexts, rewrite.n_contexts):
             prompt = encode_prompt(tokenizer, context, rewrite.template, request.subject, request.lookup)
             rows.append((prompt.ids + target[:-1], prompt.lookup))
-            targets.append((len(prompt.ids) - 1, target))
+            targets.append((len(prompt.ids) - 1, target, length))
     n_rewrite = len(rows)
     rows += [(p.ids, p.lookup) for p in (encode_prompt(tokenizer, "{}", k, request.subject, request.lookup)
                                          for k in settings.kl_prompts)]
@@ -58,8 +57,8 @@ def optimize_value_reference(loaded: LoadedModel, request: EditRequest, contexts
             with Hooks(loaded.model, loaded.adapter, {hook: insert}):
                 logits = loaded.model(input_ids=input_ids, attention_mask=mask).logits.float()  # [row pos vocab]
             log_probs = logits.log_softmax(-1)
-            nll_rows = torch.stack([-sum(log_probs[row, first + j, token] for j, token in enumerate(target)) / len(target)
-                                    for row, (first, target) in enumerate(targets)])
+            nll_rows = torch.stack([-sum(log_probs[row, first + j, token] for j, token in enumerate(target)) / length
+                                    for row, (first, target, length) in enumerate(targets)])
             kl_logp = torch.stack([log_probs[row, lookups[row]] for row in range(n_rewrite, len(rows))])
             if kl_init is None:
                 kl_init = kl_logp.detach().clone()

@@ -4,7 +4,9 @@ An ``EditRequest`` is a subject plus one or more rewrites (template -> target), 
 lookup token. The entity perspective has one rewrite (ROME's request). The relation perspective
 (the authors' RaKE code) has two: the add prompt "The relation between {s} and {o*} is" -> the
 relation phrase over all context templates, and the removal prompt "The relation between {s} and
-{o} is" -> " None" over the first five; its key comes from the removal prompt.
+{o} is" -> " None" over the first five; its key comes from the removal prompt. (The authors train
+"None" without the space and scale its loss by the relation phrase's length: the editors'
+``relation_removal=authors``.)
 
 Lookup token (``lookup``): ``subject_last`` (ROME/MEMIT, and the authors' relation edits) reads
 and writes at the last subject token; ``prompt_last`` uses the last token of each prompt, i.e. the
@@ -33,6 +35,7 @@ class Rewrite:
     template: str
     target: str
     n_contexts: Optional[int] = None  # None: every context template; k: the first k
+    removal: bool = False  # the relation edit's (s, o) -> "None" rewrite (see ValueSettings.relation_removal)
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,8 @@ def relation_request(request, lookup: Lookup = "subject_last", remove_contexts: 
     """The authors' relation edit from a ``facts.perspectives.RelationRequest``."""
     return EditRequest(
         request.case_id, request.subject,
-        (Rewrite(request.add_template, request.target_add), Rewrite(request.remove_template, request.target_remove, remove_contexts)),
+        (Rewrite(request.add_template, request.target_add),
+         Rewrite(request.remove_template, request.target_remove, remove_contexts, removal=True)),
         key_template=request.remove_template, lookup=lookup,
     )
 

@@ -47,6 +47,7 @@ class ValueSettings:
     kl_factor: float = 0.0625
     kl_prompts: tuple[str, ...] = ("{} is a",)
     early_stop_loss: float = 0.05
+    relation_removal: str = "spaced"  # see LocateEditConfig.relation_removal
 
 
 @dataclass
@@ -80,24 +81,36 @@ class _Rows:
     first_rows: Tensor  # [request] the bare prompt of each request's first rewrite
 
 
+def rewrite_targets(tokenizer, request: EditRequest, relation_removal: str = "spaced") -> list[tuple[list[int], int]]:
+    """Per rewrite: (target token ids, the length its rows' NLL is divided by).
+
+    ``spaced``: every target gets a leading space and is averaged over its own tokens.
+    ``authors`` (RaKE's compute_v_rel): the removal target is tokenized as given (``tok("None")``),
+    and its rows are divided by the first (add) target's length, as every row is in their code.
+    """
+    authors = relation_removal == "authors"
+    ids = [tokenizer(r.target if r.removal and authors else " " + r.target, add_special_tokens=False)["input_ids"]
+           for r in request.rewrites]
+    return [(t, len(ids[0]) if r.removal and authors else len(t)) for r, t in zip(request.rewrites, ids)]
+
+
 def _build_rows(loaded: LoadedModel, requests: Sequence[EditRequest], contexts: Sequence[str],
-                kl_prompts: Sequence[str]) -> _Rows:
+                kl_prompts: Sequence[str], relation_removal: str = "spaced") -> _Rows:
     tokenizer = loaded.tokenizer
-    rows: list[tuple[int, list[int], int, list[int] | None]] = []  # owner, ids, lookup, target ids (None = KL)
+    rows: list[tuple[int, list[int], int, list[int] | None, int]] = []  # owner, ids, lookup, target ids (None = KL), NLL divisor
     first_rows = []
     for index, request in enumerate(requests):
         first_rows.append(len(rows))
-        for rewrite in request.rewrites:
-            target = tokenizer(" " + rewrite.target, add_special_tokens=False)["input_ids"]
+        for rewrite, (target, length) in zip(request.rewrites, rewrite_targets(tokenizer, request, relation_removal)):
             for context in request_contexts(contexts, rewrite.n_contexts):
                 prompt = encode_prompt(tokenizer, context, rewrite.template, request.subject, request.lookup)
-                rows.append((index, prompt.ids + target[:-1], prompt.lookup, target))
+                rows.append((index, prompt.ids + target[:-1], prompt.lookup, target, length))
         for kl_prompt in kl_prompts:
             prompt = encode_prompt(tokenizer, "{}", kl_prompt, request.subject, request.lookup)
-            rows.append((index, prompt.ids, prompt.lookup, None))
+            rows.append((index, prompt.ids, prompt.lookup, None, 0))
     pad = tokenizer.pad_token_id
-    heads = [ids[:lookup] for _, ids, lookup, _ in rows]
-    tails = [ids[lookup:] for _, ids, lookup, _ in rows]
+    heads = [ids[:lookup] for _, ids, lookup, *_ in rows]
+    tails = [ids[lookup:] for _, ids, lookup, *_ in rows]
     width_h, width_t = max(map(len, heads)), max(map(len, tails))
     device = loaded.device
 
@@ -105,7 +118,7 @@ def _build_rows(loaded: LoadedModel, requests: Sequence[EditRequest], contexts: 
         return torch.tensor(values, device=device, dtype=torch.long)
 
     t_rows, t_cols, t_ids, t_norm = [], [], [], []
-    for row, (_, ids, lookup, target) in enumerate(rows):
+    for row, (_, ids, lookup, target, length) in enumerate(rows):
         if target is None:
             continue
         first = len(ids) - len(target)  # tail column of the position that predicts target[0]
@@ -113,7 +126,7 @@ def _build_rows(loaded: LoadedModel, requests: Sequence[EditRequest], contexts: 
             t_rows.append(row)
             t_cols.append(first - lookup + j)
             t_ids.append(token)
-            t_norm.append(1.0 / len(target))
+            t_norm.append(1.0 / length)
     return _Rows(
         head=tensor([[pad] * (width_h - len(h)) + h for h in heads]),
         head_mask=tensor([[0] * (width_h - len(h)) + [1] * len(h) for h in heads]),
@@ -166,7 +179,7 @@ class _TailModel:
 def optimize_values(loaded: LoadedModel, requests: Sequence[EditRequest], contexts: Sequence[str], hook: str,
                     settings: ValueSettings) -> list[ValueResult]:
     """v* for each request (optimised jointly as independent rows; see the module docstring)."""
-    rows = _build_rows(loaded, requests, contexts, settings.kl_prompts)
+    rows = _build_rows(loaded, requests, contexts, settings.kl_prompts, settings.relation_removal)
     tail_model = _TailModel(loaded, rows)
     unembed = loaded.adapter.module(loaded.model, "unembed")
     n = len(requests)

@@ -149,3 +149,15 @@ def test_check_choice_names_key_value_and_the_choices():
     assert info.value.hint == "use one of main, all"
     with pytest.raises(ModelError, match="needs a mask"):
         check_choice("model.attn_implementation", "flash", ["eager"], "needs a mask", error=ModelError)
+
+
+@pytest.mark.parametrize("editor", ["rome", "memit"])
+def test_relation_removal_is_the_authors_on_paper_experiments_only(compose_config, editor):
+    """The RaKE removal loss (tok("None"), no space) on the paper models; " None" elsewhere; a typo is refused."""
+    from core.errors import ConfigError
+
+    for experiment in ("paper_gpt2_xl", "paper_gpt_j"):
+        assert compose_config(f"experiment={experiment}", f"editor={editor}").editor.relation_removal == "authors"
+    assert compose_config(f"editor={editor}", "model=tiny_gpt2").editor.relation_removal == "spaced"
+    with pytest.raises(ConfigError, match="relation_removal"):  # when the stage converts the config
+        OmegaConf.to_object(compose_config(f"editor={editor}", "model=tiny_gpt2", "editor.relation_removal=nospace").editor)

@@ -15,7 +15,7 @@ from editors.memit import MemitConfig, least_squares_update, unique_keys
 from editors.reference import optimize_value_reference
 from editors.rome import RomeConfig, rank_one_update
 from editors.stats import StatsConfig
-from editors.values import ValueSettings, optimize_values
+from editors.values import ValueSettings, optimize_values, rewrite_targets
 
 STATS = StatsConfig(corpus="wikitext2", n_samples=120, max_tokens=64, batch_size=16)
 CONTEXTS = ["{}", "A short story. {}", "It was late and the. {}"]
@@ -98,13 +98,15 @@ def test_lookup_token_is_the_last_subject_token(tiny_gpt2):
 
 
 # ------------------------------------------------------------------------------------ values
+@pytest.mark.parametrize("relation_removal", ["spaced", "authors"])
 @pytest.mark.parametrize("hook", ["blocks.1.hook_mlp_out", "blocks.2.hook_resid_post"])
-def test_cached_tail_optimisation_matches_the_full_forward_reference(tiny_model, hook):
+def test_cached_tail_optimisation_matches_the_full_forward_reference(tiny_model, hook, relation_removal):
     # (not the last layer: there the lookup token cannot reach the target's position, the gradient is
     # float noise around zero, and Adam's sign-like first steps would amplify it differently)
-    settings = ValueSettings(steps=4, lr=0.1, weight_decay=0.5, clamp_norm_factor=4.0, kl_factor=0.0625)
-    relation = EditRequest(1, "Paris", (Rewrite("The relation between {} and France is", "capital"),
-                                        Rewrite("The relation between {} and Italy is", "None", 2)),
+    settings = ValueSettings(steps=4, lr=0.1, weight_decay=0.5, clamp_norm_factor=4.0, kl_factor=0.0625,
+                             relation_removal=relation_removal)
+    relation = EditRequest(1, "Paris", (Rewrite("The relation between {} and France is", "capital city"),
+                                        Rewrite("The relation between {} and Italy is", "None", 2, removal=True)),
                            "The relation between {} and Italy is")
     requests = [mother_tongue(), relation]
     fast = optimize_values(tiny_model, requests, CONTEXTS, hook, settings)
@@ -113,6 +115,23 @@ def test_cached_tail_optimisation_matches_the_full_forward_reference(tiny_model,
         torch.testing.assert_close(result.init, slow.init, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(result.target, slow.target, atol=1e-4, rtol=1e-3)
         assert result.losses == pytest.approx(slow.losses, rel=1e-3, abs=1e-4)
+
+
+def test_relation_removal_changes_only_the_removal_target(tiny_gpt2):
+    """authors: tok("None") (no space), divided by the add target's length; the add rewrite and entity edits unchanged."""
+    tokenizer = tiny_gpt2.tokenizer
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    relation = EditRequest(1, "Paris", (Rewrite("The relation between {} and France is", "capital city"),
+                                        Rewrite("The relation between {} and Italy is", "None", 5, removal=True)),
+                           "The relation between {} and Italy is")
+    add = (ids(" capital city"), len(ids(" capital city")))
+    assert rewrite_targets(tokenizer, relation) == [add, (ids(" None"), len(ids(" None")))]
+    assert rewrite_targets(tokenizer, relation, "authors") == [add, (ids("None"), len(add[0]))]
+    entity = mother_tongue()
+    assert rewrite_targets(tokenizer, entity, "authors") == rewrite_targets(tokenizer, entity) == [(ids(" English"), len(ids(" English")))]
 
 
 # ------------------------------------------------------------------------------------ ROME
