@@ -78,34 +78,30 @@ def rome_editor(inputs, tensors, **overrides) -> Rome:
     return editor
 
 
-def test_keys_and_u_match(tiny_gpt2, reference):
-    inputs, tensors = reference
+def check_keys_and_closed_form(loaded, requests: list[EditRequest], inputs, tensors, bare_template) -> None:
+    """k*, u = C^-1 k* (normalised), the bare prompt's key and MLP output, and our rank-one solve fed
+    the authors' v*: all deterministic, so within 1e-4 of the fixtures."""
     layer, contexts = inputs["layer"], inputs["context_templates"]
     inverse = torch.linalg.inv(tensors["second_moment"].double())
-    for i, request in enumerate(requests_of(inputs)):
-        key_star = request_keys(tiny_gpt2, [request], contexts, [layer])[layer][0]
+    out_proj = loaded.adapter.module(loaded.model, "mlp_out", layer)
+    for i, request in enumerate(requests):
+        key_star = request_keys(loaded, [request], contexts, [layer])[layer][0]
         assert relative(key_star, tensors[f"r{i}.key_star"]) < DETERMINISTIC
         u = inverse @ key_star.double()
         assert relative(u / u.norm(), tensors[f"r{i}.u"]) < DETERMINISTIC
-        bare = encode_prompt(tiny_gpt2.tokenizer, "{}", request.key_template, request.subject, request.lookup)
-        assert relative(keys_at(tiny_gpt2, [bare], [layer])[layer][0], tensors[f"r{i}.key_prompt"]) < DETERMINISTIC
-
-
-def test_closed_form_given_their_value(tiny_gpt2, reference):
-    """Our rank-one solve fed the authors' v* reproduces their delta (deterministic: 1e-4)."""
-    inputs, tensors = reference
-    layer, contexts = inputs["layer"], inputs["context_templates"]
-    inverse = torch.linalg.inv(tensors["second_moment"].double())
-    out_proj = tiny_gpt2.adapter.module(tiny_gpt2.model, "mlp_out", layer)
-    for i, request in enumerate(requests_of(inputs)):
-        key_star = request_keys(tiny_gpt2, [request], contexts, [layer])[layer][0]
-        bare = encode_prompt(tiny_gpt2.tokenizer, "{}", request.key_template, request.subject, request.lookup)
-        key_prompt = keys_at(tiny_gpt2, [bare], [layer])[layer][0]
+        bare = encode_prompt(loaded.tokenizer, "{}", bare_template(request), request.subject, request.lookup)
+        key_prompt = keys_at(loaded, [bare], [layer])[layer][0]
+        assert relative(key_prompt, tensors[f"r{i}.key_prompt"]) < DETERMINISTIC
         with torch.no_grad():
             current = out_proj(key_prompt[None])[0]
         assert relative(current, tensors[f"r{i}.out_prompt"]) < DETERMINISTIC
         update = rank_one_update(tensors[f"r{i}.target"] - current, key_star, key_prompt, inverse)
-        assert relative(tiny_gpt2.adapter.to_stored_layout(update), tensors[f"r{i}.delta"]) < DETERMINISTIC
+        assert relative(loaded.adapter.to_stored_layout(update), tensors[f"r{i}.delta"]) < DETERMINISTIC
+
+
+def test_keys_and_closed_form_match(tiny_gpt2, reference):
+    inputs, tensors = reference
+    check_keys_and_closed_form(tiny_gpt2, requests_of(inputs), inputs, tensors, lambda request: request.key_template)
 
 
 def test_optimised_value_matches(tiny_gpt2, reference):
@@ -163,21 +159,8 @@ def relation_requests_of(inputs) -> list[EditRequest]:
 def test_relation_keys_and_closed_form(tiny_gpt2, rake):
     """u from the removal prompt (compute_u_rel), the constraint key at the add prompt, the solve: 1e-4."""
     inputs, tensors = rake
-    layer, contexts = inputs["layer"], inputs["context_templates"]
-    inverse = torch.linalg.inv(tensors["second_moment"].double())
-    out_proj = tiny_gpt2.adapter.module(tiny_gpt2.model, "mlp_out", layer)
-    for i, request in enumerate(relation_requests_of(inputs)):
-        key_star = request_keys(tiny_gpt2, [request], contexts, [layer])[layer][0]
-        assert relative(key_star, tensors[f"r{i}.key_star"]) < DETERMINISTIC
-        u = inverse @ key_star.double()
-        assert relative(u / u.norm(), tensors[f"r{i}.u"]) < DETERMINISTIC
-        bare = encode_prompt(tiny_gpt2.tokenizer, "{}", request.rewrites[0].template, request.subject, request.lookup)
-        key_prompt = keys_at(tiny_gpt2, [bare], [layer])[layer][0]
-        assert relative(key_prompt, tensors[f"r{i}.key_prompt"]) < DETERMINISTIC
-        with torch.no_grad():
-            current = out_proj(key_prompt[None])[0]
-        update = rank_one_update(tensors[f"r{i}.target"] - current, key_star, key_prompt, inverse)
-        assert relative(tiny_gpt2.adapter.to_stored_layout(update), tensors[f"r{i}.delta"]) < DETERMINISTIC
+    check_keys_and_closed_form(tiny_gpt2, relation_requests_of(inputs), inputs, tensors,
+                               lambda request: request.rewrites[0].template)
 
 
 def test_relation_value_authors_removal(tiny_gpt2, rake):
