@@ -116,17 +116,21 @@ def test_optimised_value_matches(tiny_gpt2, reference):
         assert relative(value.target, tensors[f"r{i}.target"]) < optimiser_tolerance(tensors, i)
 
 
+def check_deltas(loaded, editor: Rome, requests: list[EditRequest], inputs, tensors) -> None:
+    """Each request alone, then all in sequence (each on the model the previous ones edited), against
+    the authors' deltas, within the optimiser tolerance of the worst request."""
+    tolerance = max(optimiser_tolerance(tensors, i) for i in range(len(requests)))
+    for i, request in enumerate(requests):
+        with editor.apply(loaded, [request]) as result:
+            assert relative(result.deltas.deltas[inputs["weight"]], tensors[f"r{i}.delta"]) < tolerance
+    with editor.apply(loaded, requests) as result:
+        assert relative(result.deltas.deltas[inputs["weight"]], tensors["sequential.delta"]) < tolerance
+
+
 def test_rome_deltas_match(tiny_gpt2, reference):
     """Rome.apply: one request, and two in sequence (the second on the edited model), vs execute_rome/apply_rome_to_model."""
     inputs, tensors = reference
-    editor = rome_editor(inputs, tensors)
-    requests = requests_of(inputs)
-    tolerance = max(optimiser_tolerance(tensors, i) for i in range(len(requests)))
-    for i, request in enumerate(requests):
-        with editor.apply(tiny_gpt2, [request]) as result:
-            assert relative(result.deltas.deltas[inputs["weight"]], tensors[f"r{i}.delta"]) < tolerance
-    with editor.apply(tiny_gpt2, requests) as result:
-        assert relative(result.deltas.deltas[inputs["weight"]], tensors["sequential.delta"]) < tolerance
+    check_deltas(tiny_gpt2, rome_editor(inputs, tensors), requests_of(inputs), inputs, tensors)
 
 
 def test_rome_two_layers_match(tiny_gpt2, reference):
@@ -180,11 +184,5 @@ def test_relation_value_authors_removal(tiny_gpt2, rake):
 def test_relation_rome_deltas_match(tiny_gpt2, rake):
     """Rome.apply with relation_removal=authors vs execute_rel_rome, one request and two in sequence."""
     inputs, tensors = rake
-    editor = rome_editor(inputs, tensors, relation_removal="authors")
-    requests = relation_requests_of(inputs)
-    tolerance = max(optimiser_tolerance(tensors, i) for i in range(len(requests)))
-    for i, request in enumerate(requests):
-        with editor.apply(tiny_gpt2, [request]) as result:
-            assert relative(result.deltas.deltas[inputs["weight"]], tensors[f"r{i}.delta"]) < tolerance
-    with editor.apply(tiny_gpt2, requests) as result:
-        assert relative(result.deltas.deltas[inputs["weight"]], tensors["sequential.delta"]) < tolerance
+    check_deltas(tiny_gpt2, rome_editor(inputs, tensors, relation_removal="authors"), relation_requests_of(inputs),
+                 inputs, tensors)
