@@ -4,7 +4,7 @@ Entity perspective (subject, relation -> object): corrupt the subject; edit (pro
 target_new, target_true) as ROME does.
 
 Relation perspective (subject, object -> relation), following the format the authors' code reads
-(``rel_counterfact.json``, SOURCES.md "Relation perspective in the authors' code"): an add prompt
+(``rel_counterfact.json``, docs/data-sources.md, "Relation perspective in the authors' code"): an add prompt
 "The relation between {s} and {o*} is" with target the relation phrase, a removal prompt with the
 true object and target "None", fixed paraphrases of the add prompt, and (our addition, since the
 authors never published theirs) neighbourhood prompts pairing the neighbour subject of the case's

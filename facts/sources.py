@@ -3,7 +3,7 @@
 Order: an explicit path (``dataset.path``) > ``<data_dir>/<relative path>`` when that file exists
 (the pipeline passes ``../shared/data``) > the gzip copy bundled in ``facts/bundled/`` (so the
 package works with no data folder at all) > for ROME's full ``counterfact.json``, a cached or
-opt-in downloaded copy. Every file with a published sha256 (``/work/shared/data/SOURCES.md``) is
+opt-in downloaded copy. Every file with a published sha256 (``docs/data-sources.md``) is
 verified; for bundled gz copies the *decompressed* bytes are verified, so all origins must yield
 byte-identical content.
 """

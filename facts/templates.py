@@ -13,7 +13,7 @@ SLOT = "{}"
 
 
 def template_of(prompt: str, subject: str) -> str:
-    """Replace the first occurrence of ``subject`` in ``prompt`` by ``{}`` (SOURCES.md's rule)."""
+    """Replace the first occurrence of ``subject`` in ``prompt`` by ``{}`` (docs/data-sources.md's rule)."""
     return prompt.replace(subject, SLOT, 1)
 
 
