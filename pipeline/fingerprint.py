@@ -1,7 +1,7 @@
 """A job's config fingerprint: what must match for a finished job dir to serve its results again.
 
 The fingerprint hashes the resolved config minus the keys that do not change results (``force``,
-``cache``, the logger, the paths themselves, progress bars). Values derived from a path (e.g. the
+``cache``, the logger, the paths themselves, progress bars, device sharding). Values derived from a path (e.g. the
 summarize stage's ``sweep_dir``) are written relative to it, so moving a project does not
 invalidate its jobs, while changing a default in a yaml does.
 """
@@ -16,8 +16,9 @@ from core.hashing import content_hash
 
 # Top-level keys that never change a job's results.
 IGNORED_ROOT_KEYS = ("force", "cache", "logger", "paths", "hydra", "sweep_name")
-# Keys ignored at any depth (display only).
-IGNORED_LEAF_KEYS = ("progress",)
+# Keys ignored at any depth: progress bars, and where a stage runs (``fabric``: sharding over N
+# devices gathers the same results, as tests/test_distributed.py checks).
+IGNORED_LEAF_KEYS = ("progress", "fabric")
 
 
 def comparable_config(cfg: DictConfig | dict) -> dict[str, Any]:

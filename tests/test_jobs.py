@@ -80,6 +80,9 @@ def test_fingerprint_ignores_where_the_project_lives(compose_config, tmp_path):
     a = comparable_config(compose_config("stage=summarize", "paths.root_dir=/a/project", "paths.output_dir=/a/project/out"))
     b = comparable_config(compose_config("stage=summarize", "paths.root_dir=/b/elsewhere", "paths.output_dir=/b/elsewhere/out"))
     assert a == b and a["stage.sweep_dir"] == "${paths.output_dir}/sweeps/default"
+    traced = comparable_config(compose_config("stage=trace"))
+    assert traced == comparable_config(compose_config("stage=trace", "stage.fabric.devices=2")), "sharding changes no result"
+    assert traced != comparable_config(compose_config("stage=trace", "stage.samples=3"))
 
 
 def test_unfinished_job_resumes_only_under_its_own_config(compose_config, tmp_path):
