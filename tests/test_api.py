@@ -80,3 +80,19 @@ def test_edit_and_evaluate_two_counterfact_facts(tiny_gpt2, perspective):
     assert "|" in outcome.markdown()
     for name, p in tiny_gpt2.model.named_parameters():  # restored bit for bit after every edit
         assert torch.equal(p, weights[name]), name
+
+
+def test_one_user_level_default_cache_dir(monkeypatch, tmp_path):
+    """Without KLOC_CACHE_DIR the config and the library share ${XDG_CACHE_HOME}/knowledge-localization,
+    whatever the working directory; KLOC_CACHE_DIR overrides both."""
+    from models.load import default_cache_dir
+
+    monkeypatch.delenv("KLOC_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(tmp_path)
+    expected = tmp_path / "xdg" / "knowledge-localization"
+    assert default_cache_dir() == expected
+    assert api.paths_config()["cache_dir"] == str(expected)
+    monkeypatch.setenv("KLOC_CACHE_DIR", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine" and api.paths_config()["cache_dir"] == str(tmp_path / "mine")
+    assert api.paths_config(["paths.cache_dir=/elsewhere"])["cache_dir"] == "/elsewhere"
