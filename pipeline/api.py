@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from core.conf import CONF_DIR
+from core.conf import CONF_DIR, available_options
 from core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -69,16 +69,33 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     from pipeline.config import register_configs
 
     register_configs()
+    _check_options(overrides)
     saved = get_gh_backup()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return hydra_compose(config_name="config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError("overrides", " ".join(overrides), str(err).splitlines()[0] if str(err) else type(err).__name__,
+        raise ConfigError("overrides", " ".join(overrides), _reason(err),
                           "check the key against conf/ (python -m pipeline.run --cfg job shows every key)") from err
     finally:
         restore_gh_from_backup(saved)
+
+
+def _reason(err: BaseException) -> str:
+    """Hydra's first line plus its cause's (``Could not override 'editor.v_lr'``: ``could not convert 'fast'``)."""
+    lines = [str(e).strip().splitlines()[0] for e in (err, err.__cause__) if e is not None and str(e).strip()]
+    return ": ".join(dict.fromkeys(lines)) or type(err).__name__
+
+
+def _check_options(overrides: Sequence[str]) -> None:
+    """An unknown group option is a ConfigError that lists the group's options (Hydra only says "not found")."""
+    for override in overrides:
+        group, _, option = override.partition("=")
+        if (option not in ("", "null") and "." not in group and not group.startswith("hydra") and (CONF_DIR / group).is_dir()
+                and option not in available_options(group)):
+            raise ConfigError(group, option, "not an option of this config group",
+                              f"use one of {', '.join(available_options(group))}")
 
 
 def _choices(model: Optional[str], **groups: Optional[str]) -> list[str]:

@@ -33,6 +33,12 @@ def test_typos_and_wrong_types_fail_at_compose(values):
         api.editor_config("rome", model="tiny_gpt2", **values)
 
 
+def test_an_unknown_option_lists_the_choices():
+    with pytest.raises(ConfigError, match="rome") as info:
+        api.editor_config("romee", model="tiny_gpt2")
+    assert info.value.key == "editor" and info.value.value == "romee"
+
+
 @pytest.mark.parametrize("editor", [name for name in available_options("editor") if name != "none"])
 def test_every_editor_composes(editor):
     config = api.editor_config(editor, model="tiny_gpt2")
