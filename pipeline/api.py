@@ -159,7 +159,9 @@ def edit_and_evaluate(loaded, facts: Sequence, editor: str | Any = "rome", persp
     model = loaded.config.name
     stage_values = {"n_cases": max(1, len(facts)), "progress": False, **stage_values}
     editor_name = editor if isinstance(editor, str) else editor.name
-    choices = [f"model={model}", f"editor={editor_name}", f"perspective={perspective}", "stage=edit", "logger=none"]
+    # A model outside conf/model (a user's dict) still works with a typed editor config (its layers set).
+    choices = [f"model={model}"] if model in available_options("model") else []
+    choices += [f"editor={editor_name}", f"perspective={perspective}", "stage=edit", "logger=none"]
     if cache_dir is not None:
         choices.append(f"paths.cache_dir={override_value(str(cache_dir))}")
     cfg = compose([*choices, *overrides, *keyword_overrides("stage", stage_values)])

@@ -102,3 +102,23 @@ def test_one_user_level_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("KLOC_CACHE_DIR", str(tmp_path / "mine"))
     assert default_cache_dir() == tmp_path / "mine" and api.paths_config()["cache_dir"] == str(tmp_path / "mine")
     assert api.paths_config(["paths.cache_dir=/elsewhere"])["cache_dir"] == "/elsewhere"
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_edit_and_evaluate_matches_the_edit_stage(compose_config, tiny_gpt2, tmp_path):
+    """The same cases and settings give the stage's cases.jsonl rows and aggregates.json table."""
+    from core.io import read_json, read_jsonl
+    from facts import DatasetConfig, load_facts
+    from pipeline.jobs import run_job
+
+    editor = ["editor.layers=[1]", "editor.stats.n_samples=40", "editor.stats.max_tokens=48", "editor.v_num_grad_steps=2",
+              "editor.context_template_lengths=[[3,2]]"]
+    stage = ["stage.n_cases=2", "stage.n_resamples=20", "stage.quality.enabled=false"]
+    cfg = compose_config("stage=edit", "editor=rome", "model=tiny_gpt2", "dataset=counterfact", "dataset.limit=2",
+                         "logger=none", *editor, *stage)
+    run_job(cfg, tmp_path / "job")
+    facts = list(load_facts(DatasetConfig(name="counterfact", limit=2)))
+    outcome = api.edit_and_evaluate(tiny_gpt2, facts, editor="rome", overrides=[*editor, *stage])
+    stored = read_jsonl(tmp_path / "job" / "cases.jsonl")
+    assert [(r["pre"], r["post"]) for r in outcome.rows] == [(r["pre"], r["post"]) for r in stored]
+    assert outcome.table.to_dict()["rows"] == read_json(tmp_path / "job" / "aggregates.json")["rows"]
