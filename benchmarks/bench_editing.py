@@ -18,25 +18,10 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from core.io import atomic_write_json
 
 log = logging.getLogger(__name__)
-CONF = Path(__file__).resolve().parent.parent / "conf"
-
-
-def editor_config(editor: str, model: str):
-    """``conf/editor/<editor>.yaml`` merged with ``conf/editor_model/<editor>_<model>.yaml`` (typed)."""
-    from pipeline.config import _load
-
-    schema = {"rome": "editors.rome:RomeConfig", "memit": "editors.memit:MemitConfig"}[editor]
-    merged = OmegaConf.structured(_load(schema))
-    for path in (CONF / "editor" / f"{editor}.yaml", CONF / "editor_model" / f"{editor}_{model}.yaml"):
-        values = OmegaConf.load(path)
-        values.pop("defaults", None)
-        merged = OmegaConf.merge(merged, values)
-    return OmegaConf.to_object(merged)
 
 
 def main(args) -> dict:
@@ -44,15 +29,17 @@ def main(args) -> dict:
     from editors.reference import optimize_value_reference
     from facts.config import DatasetConfig
     from facts.load import load_facts
+    from core.paths import default_cache_dir
     from models.load import load_model
+    from pipeline.api import editor_config
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     n_cases = int(os.environ.get("BENCH_EDIT_CASES", "3"))
     n_memit = int(os.environ.get("BENCH_MEMIT_REQUESTS", "100"))
-    cache_dir = os.environ.get("KLOC_CACHE_DIR", ".cache")
+    cache_dir = default_cache_dir()
     loaded = load_model("smollm2_135m", cache_dir=cache_dir)
     facts = list(load_facts(DatasetConfig(name="counterfact", limit=max(n_cases, n_memit))))
-    rome = build_editor(editor_config("rome", "smollm2_135m"), cache_dir=cache_dir)
+    rome = build_editor(editor_config("rome", model="smollm2_135m"), cache_dir=cache_dir)
     layer = rome.config.layers[0]
     requests = [entity_request(fact) for fact in facts[:n_cases]]
     rome.apply(loaded, requests[:1]).restore()  # warm-up: statistics, inverse, templates
@@ -68,7 +55,7 @@ def main(args) -> dict:
         value = optimize_value_reference(loaded, request, contexts, f"blocks.{layer}.hook_mlp_out", rome.config.value_settings())
         slow += time.perf_counter() - started
         slow_prob.append(value.target_prob)
-    memit = build_editor(editor_config("memit", "smollm2_135m"), cache_dir=cache_dir)
+    memit = build_editor(editor_config("memit", model="smollm2_135m"), cache_dir=cache_dir)
     memit_requests = [entity_request(fact) for fact in facts[:n_memit]]
     memit.apply(loaded, memit_requests[:1]).restore()  # warm-up: statistics, templates
     started = time.perf_counter()

@@ -8,10 +8,27 @@ silent fallback to the bundled copies.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
 from core.errors import ConfigError, ToolkitError
+
+CACHE_ENV = "KLOC_CACHE_DIR"
+CACHE_NAME = "knowledge-localization"
+
+
+def default_cache_dir() -> Path:
+    """The one default cache dir: ``$KLOC_CACHE_DIR``, else ``${XDG_CACHE_HOME:-~/.cache}/knowledge-localization``.
+
+    User-level, not per working directory, so a notebook in any folder, a script and the CLI reuse
+    the converted model, the statistics and the templates instead of recomputing them. The config's
+    ``paths.cache_dir`` defaults to this too (resolver ``kloc.cache_dir``), and overrides it per job.
+    """
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / CACHE_NAME
 
 
 def writable_dir(key: str, path: str | Path, error: type[ToolkitError] = ConfigError) -> Path:

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from core.checks import check_choice
 from core.errors import ConfigError, ModelError
 from core.hashing import CacheEntry, file_sha256
-from core.paths import writable_dir
+from core.paths import default_cache_dir, writable_dir  # noqa: F401 - default_cache_dir: models.load.default_cache_dir as before
 from models.adapters import ArchitectureAdapter, adapter_for
 from models.config import DTYPES, SOURCES, ModelConfig, model_config_by_name
 from models.tiny import build_tiny_model
@@ -47,10 +47,6 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("KLOC_CACHE_DIR", Path.cwd() / ".cache"))
 
 
 def find_gguf(package: str = EMBEDDED_PACKAGE, filename: str | None = None) -> Path:

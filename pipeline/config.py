@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from core.conf import CONF_DIR
+from core.paths import default_cache_dir
 from core.errors import ConfigError
 
 
@@ -179,3 +180,5 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("kloc.cwd", lambda: os.getcwd())
     if not OmegaConf.has_resolver("kloc.dirname"):
         OmegaConf.register_new_resolver("kloc.dirname", dirname_from_overrides)
+    if not OmegaConf.has_resolver("kloc.cache_dir"):
+        OmegaConf.register_new_resolver("kloc.cache_dir", lambda: str(default_cache_dir()))

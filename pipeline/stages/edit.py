@@ -124,8 +124,58 @@ def _no_case_hint(cfg: DictConfig) -> str:
     return "use dataset=counterfact (cases with new objects and relation ids)"
 
 
+@dataclass
+class EditOutcome:
+    """What the edit stage computes: per case the ``pre`` and ``post`` rows and the ``edit`` info, the
+    aggregate table (``metrics.aggregate.EvaluationTable``) and the job summary (``results.json``)."""
+
+    rows: list[dict[str, Any]]
+    table: Any
+    summary: dict[str, Any]
+    title: str
+    cases: list
+
+    def tidy(self) -> list[dict[str, Any]]:
+        """One ``{case_id, when, metric, value}`` row per case, side (pre/post) and numeric metric."""
+        return [{"case_id": row["case_id"], "when": when, "metric": metric, "value": float(value)}
+                for row in self.rows for when in ("pre", "post") for metric, value in row[when].items()
+                if metric != "case_id" and isinstance(value, (int, float)) and not isinstance(value, bool)]
+
+    def markdown(self) -> str:
+        return render_markdown(self.table, self.title)
+
+
 def edit_cases(cfg: DictConfig, settings: EditStageConfig, loaded: LoadedModel, facts: list, job_dir: Path, logger) -> dict:
     """Edit the first ``settings.n_cases`` editable facts and score both sides pre and post (files in ``job_dir``)."""
+    outcome = compute_edits(cfg, settings, loaded, facts, job_dir)
+    rows, table, title, cases, summary = outcome.rows, outcome.table, outcome.title, outcome.cases, outcome.summary
+    n_collapsed = summary["n_collapsed"]
+    quality = settings.quality.enabled
+    files = ["cases.jsonl", "aggregates.json", "table.md"]
+    atomic_write_jsonl(job_dir / "cases.jsonl", rows)
+    atomic_write_json(job_dir / "aggregates.json", {"title": title, "editor": summary["editor"],
+                                                    "perspective": summary["perspective"], **table.to_dict()})
+    atomic_write_text(job_dir / "table.md", render_markdown(table, title) + _collapse_note(settings, n_collapsed))
+    if quality and settings.quality.n_examples:
+        facts_by_id = {case.case_id: case.fact for case in cases}
+        atomic_write_text(job_dir / "examples.md", render_examples(rows, facts_by_id, settings.quality.n_examples, title,
+                                                                   settings.quality.collapse))
+        files.append("examples.md")
+    EditProgress(job_dir / PROGRESS).clear()
+    logger.log_scalars({f"edit/{key}": value for key, value in table.scalars().items() if not math.isnan(value)})
+    logger.log_table("edit/cases", [{"case_id": r["case_id"], **{f"post.{k}": v for k, v in r["post"].items()
+                                                                 if k not in ("case_id", GENERATIONS)}} for r in rows])
+    summary["files"] = files
+    log.info("%s", render_markdown(table, title))
+    return summary
+
+
+def compute_edits(cfg: DictConfig, settings: EditStageConfig, loaded: LoadedModel, facts: list, job_dir: Path) -> EditOutcome:
+    """The edit stage's computation: edit, score pre and post, aggregate; writes only resume files.
+
+    Finished groups go to ``job_dir / PROGRESS`` (so a killed job resumes); ``edit_cases`` writes
+    the job's files from the outcome, ``pipeline.api.edit_and_evaluate`` returns it to a notebook.
+    """
     editor_config = OmegaConf.to_object(cfg.editor)
     if editor_config.name == "none":
         raise ConfigError("editor", "none", "the edit stage needs an editor", "use editor=rome, memit, ft, kn or mend")
@@ -201,20 +251,6 @@ def edit_cases(cfg: DictConfig, settings: EditStageConfig, loaded: LoadedModel, 
     title = f"{editor_config.name} {perspective} edits of {name} on {cfg.dataset.name} ({len(cases)} cases)"
     rows = [{"case_id": row["case_id"], "pre": row, "post": by_case[row["case_id"]], "edit": edit_of[row["case_id"]],
              **({"collapsed": bool(by_case[row["case_id"]][COLLAPSED])} if quality is not None else {})} for row in pre]
-    files = ["cases.jsonl", "aggregates.json", "table.md"]
-    atomic_write_jsonl(job_dir / "cases.jsonl", rows)
-    atomic_write_json(job_dir / "aggregates.json", {"title": title, "editor": editor_config.name,
-                                                    "perspective": perspective, **table.to_dict()})
-    atomic_write_text(job_dir / "table.md", render_markdown(table, title) + _collapse_note(settings, n_collapsed))
-    if quality is not None and settings.quality.n_examples:
-        facts_by_id = {case.case_id: case.fact for case in cases}
-        atomic_write_text(job_dir / "examples.md", render_examples(rows, facts_by_id, settings.quality.n_examples, title,
-                                                                   settings.quality.collapse))
-        files.append("examples.md")
-    progress.clear()
-    logger.log_scalars({f"edit/{key}": value for key, value in table.scalars().items() if not math.isnan(value)})
-    logger.log_table("edit/cases", [{"case_id": r["case_id"], **{f"post.{k}": v for k, v in r["post"].items()
-                                                                 if k not in ("case_id", GENERATIONS)}} for r in rows])
     summary = {
         "model": name, "dataset": cfg.dataset.name, "editor": editor_config.name, "perspective": perspective,
         "layers": list(editor_config.layers), "n_cases": len(cases), "edit_batch_size": batch,
@@ -225,10 +261,8 @@ def edit_cases(cfg: DictConfig, settings: EditStageConfig, loaded: LoadedModel, 
         "seconds_per_case": round(edit_seconds / len(cases), 3),
         "seconds": round(time.time() - started, 2),
         "n_collapsed": n_collapsed,
-        "files": files,
     }
-    log.info("%s", render_markdown(table, title))
-    return summary
+    return EditOutcome(rows=rows, table=table, summary=summary, title=title, cases=cases)
 
 
 def _guarded_table(pre: list[dict[str, Any]], post_by_case: dict[Any, dict[str, Any]], settings: EditStageConfig,
