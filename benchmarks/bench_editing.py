@@ -30,7 +30,7 @@ def editor_config(editor: str, model: str):
     """``conf/editor/<editor>.yaml`` merged with ``conf/editor_model/<editor>_<model>.yaml`` (typed)."""
     from pipeline.config import _load
 
-    schema = {"rome": "editors.rome:RomeConfig", "memit": "editors.memit:MemitConfig"}[editor]
+    schema = {"rome": "editors.config:RomeConfig", "memit": "editors.config:MemitConfig"}[editor]
     merged = OmegaConf.structured(_load(schema))
     for path in (CONF / "editor" / f"{editor}.yaml", CONF / "editor_model" / f"{editor}_{model}.yaml"):
         values = OmegaConf.load(path)
