@@ -17,7 +17,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from core.conf import CONF_DIR
+from core.conf import CONF_DIR, available_options, config_groups
 from core.errors import ConfigError
 
 
@@ -168,6 +168,12 @@ def dirname_from_overrides(override_dirname: str) -> str:
     return f"{name[: MAX_DIRNAME - 18]}+{digest}"
 
 
+def help_groups() -> str:
+    """``--help``'s list of groups and options, read from the yamls: Hydra's own list would also offer the
+    ConfigStore schemas (``editor/rome_schema``), which are not options (``conf/hydra/default.yaml``)."""
+    return "\n".join(f"{group}: {', '.join(available_options(group))}" for group in config_groups())
+
+
 def register_configs() -> None:
     """Register schemas and resolvers (idempotent; called by the entry point and by tests)."""
     store = ConfigStore.instance()
@@ -177,5 +183,7 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("kloc.sweep", check_sweep_name)
     if not OmegaConf.has_resolver("kloc.cwd"):
         OmegaConf.register_new_resolver("kloc.cwd", lambda: os.getcwd())
+    if not OmegaConf.has_resolver("kloc.help_groups"):
+        OmegaConf.register_new_resolver("kloc.help_groups", help_groups)
     if not OmegaConf.has_resolver("kloc.dirname"):
         OmegaConf.register_new_resolver("kloc.dirname", dirname_from_overrides)

@@ -196,3 +196,11 @@ def test_cfg_job_prints_the_composed_config():
     printed = OmegaConf.create(done.stdout)
     assert printed.editor.name == "rome" and printed.model.name == "tiny_gpt2" and printed.stage.name
     assert seconds < 30, f"--cfg job took {seconds:.1f} s"  # ~0.5 s without torch; generous for a loaded CI box
+
+
+def test_help_lists_the_yaml_options_and_hides_the_schemas():
+    done = _cli("--help")
+    assert done.returncode == 0, done.stderr
+    assert "_schema" not in done.stdout  # registered in the ConfigStore, but never a user's choice
+    for group in ("editor", "model", "stage", "experiment/stage"):
+        assert f"{group}: {', '.join(available_options(group))}\n" in done.stdout
