@@ -13,9 +13,12 @@ from pathlib import Path
 
 from core.checks import check_choice
 from core.errors import ConfigError
-from editors.base import EditResult, Editor, LocateEditConfig
-from editors.deltas import WeightDeltas, applied
+from core.lazy import lazy_exports
+from editors.config import LocateEditConfig
 from editors.requests import EditRequest, Rewrite, entity_request, relation_request
+
+# torch-heavy re-exports, imported on first use: ``editors.config`` (the schemas) stays torch-free
+__getattr__ = lazy_exports(__name__, {"editors.base": ("EditResult", "Editor"), "editors.deltas": ("WeightDeltas", "applied")})
 
 # editor name -> "module:Class" (imported lazily; the config name selects the editor)
 EDITORS: dict[str, str] = {"rome": "editors.rome:Rome", "memit": "editors.memit:Memit", "ft": "editors.ft:Ft",
@@ -40,7 +43,7 @@ def check_editor_config(config) -> None:
         check_choice("editor", name, sorted(EDITORS), "not an editor")
 
 
-def build_editor(config, cache_dir: str | Path | None = None, data_dir: str | Path | None = None) -> Editor:
+def build_editor(config, cache_dir: str | Path | None = None, data_dir: str | Path | None = None) -> "Editor":
     """The editor named by ``config.name``, bound to its config and the cache/data dirs."""
     check_editor_config(config)
     name = check_choice("editor", config.name, sorted(EDITORS), "not an editor")

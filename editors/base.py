@@ -15,68 +15,19 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-from omegaconf import MISSING
 from torch import Tensor, nn
 
-from core.checks import check_choice, check_layer_list, check_layers
-from core.errors import ConfigError
+from editors.config import LocateEditConfig
 from editors.deltas import WeightDeltas, add_in_place, restore, snapshot
 from editors.requests import EditRequest, check_requests
-from editors.stats import StatsConfig
 from editors.templates import context_templates
-from editors.values import ValueSettings
 from models.load import LoadedModel
 
 log = logging.getLogger(__name__)
-
-RELATION_REMOVALS = ("spaced", "authors")
-
-
-@dataclass
-class LocateEditConfig:
-    """ROME/MEMIT hyperparameters (names follow the authors' hparams files)."""
-
-    name: str = MISSING
-    layers: list[int] = MISSING
-    # value optimisation (compute_v / compute_z); the loss is read at the final layer
-    v_num_grad_steps: int = 20
-    v_lr: float = 0.5
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    kl_prompts: list[str] = field(default_factory=lambda: ["{} is a"])
-    early_stop_loss: float = 0.05
-    # The relation edit's removal target "None" (the (s, o) rewrite). spaced: trained as " None",
-    # as the evaluation scores it, each row's NLL averaged over its own target tokens. authors: as
-    # RaKE's compute_v_rel (tests/test_rome_fixtures.py test_relation_*; their MEMIT compute_z reads
-    # the same): tok("None") without the leading space, and its rows divided by the relation
-    # phrase's token count. Entity edits: no effect. The paper models' editor_model files use authors.
-    relation_removal: str = "spaced"
-    # context templates: [length, count] pairs; generation starts at these prompts ([] = start-of-text)
-    context_template_lengths: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
-    context_prompts: list[str] = field(default_factory=list)
-    context_seed: int = 0
-    # second-moment statistics of the rewritten layers' keys
-    stats: StatsConfig = field(default_factory=StatsConfig)
-
-    def value_settings(self) -> ValueSettings:
-        return ValueSettings(self.v_num_grad_steps, self.v_lr, self.v_weight_decay, self.clamp_norm_factor,
-                             self.kl_factor, tuple(self.kl_prompts), self.early_stop_loss, self.relation_removal)
-
-    def __post_init__(self) -> None:
-        check_layer_list("editor.layers", self.layers)  # required: a RomeConfig() without layers is refused here
-        check_choice("editor.relation_removal", self.relation_removal, RELATION_REMOVALS)
-
-    def validate(self, n_layers: int) -> None:
-        check_layers("editor.layers", self.layers, n_layers)
-        check_choice("editor.relation_removal", self.relation_removal, RELATION_REMOVALS)
-        if self.v_num_grad_steps < 1 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
-            raise ConfigError("editor", self.name, "v_num_grad_steps >= 1, v_lr > 0 and clamp_norm_factor > 0", "")
-        self.stats.validate()
 
 
 @dataclass

@@ -15,15 +15,14 @@ with KN and MEND.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import Tensor
 
-from core.checks import check_choice, check_layers
-from core.errors import ConfigError
 from editors.base import Editor
+from editors.config import FtConfig
 from editors.deltas import WeightDeltas, parameters
 from editors.requests import EditRequest
 from models.load import LoadedModel
@@ -32,7 +31,6 @@ from models.scoring import encode_prompts, encode_targets
 log = logging.getLogger(__name__)
 
 RewriteChoice = Literal["main", "all"]
-REWRITE_CHOICES = ("main", "all")
 
 
 # ------------------------------------------------------------------------------ shared helpers
@@ -98,30 +96,6 @@ def rewrite_pairs(requests: Sequence[EditRequest], rewrites: str) -> tuple[list[
             prompts.append(rewrite.template.replace("{}", request.subject, 1))
             targets.append(rewrite.target)
     return prompts, targets
-
-
-# ------------------------------------------------------------------------------------------ FT
-@dataclass
-class FtConfig:
-    """FT-L hyperparameters (ROME/EasyEdit names); the layer is per model (``editor_model/``)."""
-
-    name: str = "ft"
-    layers: list[int] = field(default_factory=lambda: [0])
-    num_steps: int = 25
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    # L-inf bound on each weight's change (null: unconstrained fine-tuning)
-    norm_constraint: Optional[float] = 5e-4
-    early_stop_loss: float = 1e-2
-    rewrites: str = "main"
-
-    def validate(self, n_layers: int) -> None:
-        check_layers("editor.layers", self.layers, n_layers)
-        check_choice("editor.rewrites", self.rewrites, REWRITE_CHOICES)
-        if self.num_steps < 1 or self.lr <= 0 or self.weight_decay < 0:
-            raise ConfigError("editor", self.name, "num_steps >= 1, lr > 0 and weight_decay >= 0 are required", "")
-        if self.norm_constraint is not None and self.norm_constraint <= 0:
-            raise ConfigError("editor.norm_constraint", self.norm_constraint, "must be > 0", "use null for no constraint")
 
 
 def fine_tune(loaded: LoadedModel, names: list[str], batch: TargetBatch, config: FtConfig,

@@ -30,16 +30,15 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 from einops import repeat
 from torch import Tensor
 
-from core.checks import check_choice, check_layers
-from core.errors import ConfigError
 from editors.base import EditResult, Editor
+from editors.config import KnConfig
 from editors.deltas import WeightDeltas
 from editors.requests import EditRequest
 from editors.templates import context_templates
@@ -49,36 +48,6 @@ from models.load import LoadedModel
 from models.scoring import encode_prompts, encode_targets
 
 log = logging.getLogger(__name__)
-
-OLD_TARGETS = ("request", "prediction")
-
-
-@dataclass
-class KnConfig:
-    name: str = "kn"
-    layers: Optional[list[int]] = None  # attributed layers (null: all)
-    steps: int = 20
-    adaptive_threshold: float = 0.2
-    share_threshold: float = 0.4  # p: a neuron must be coarse in more than p x the prompts
-    n_prompts: int = 5  # the bare prompt and the first n_prompts - 1 context templates
-    edit_scale: float = 2.0
-    old_target: str = "request"
-    max_rows: int = 512  # (layer, step) rows per staircase batch
-    context_template_lengths: list[list[int]] = field(default_factory=lambda: [[10, 4]])
-    context_prompts: list[str] = field(default_factory=list)
-    context_seed: int = 0
-
-    def validate(self, n_layers: int) -> None:
-        if self.layers is not None:
-            check_layers("editor.layers", self.layers, n_layers, hint="use null for all layers")
-        check_choice("editor.old_target", self.old_target, OLD_TARGETS)
-        if self.steps < 1 or self.n_prompts < 1 or self.max_rows < 1:
-            raise ConfigError("editor", self.name, "steps, n_prompts and max_rows must be >= 1", "")
-        if not 0 <= self.adaptive_threshold < 1 or not 0 <= self.share_threshold < 1:
-            raise ConfigError("editor", self.name, "adaptive_threshold and share_threshold must be in [0, 1)", "e.g. 0.2 and 0.4")
-
-    def attributed_layers(self, n_layers: int) -> list[int]:
-        return sorted(set(self.layers)) if self.layers is not None else list(range(n_layers))
 
 
 # ------------------------------------------------------------------------------- attribution

@@ -15,7 +15,6 @@ the least squares, and a warning says so when their targets differ.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,8 +22,8 @@ from einops import einsum
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from core.errors import ConfigError
-from editors.base import Editor, LocateEditConfig
+from editors.base import Editor
+from editors.config import MemitConfig
 from editors.deltas import WeightDeltas, add_in_place
 from editors.keys import activations_at, encode_prompt, request_keys
 from editors.requests import EditRequest
@@ -33,21 +32,6 @@ from editors.values import optimize_values
 from models.load import LoadedModel
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class MemitConfig(LocateEditConfig):
-    name: str = "memit"
-    clamp_norm_factor: float = 0.75
-    mom2_update_weight: float = 20000.0
-    context_template_lengths: list[list[int]] = field(default_factory=lambda: [[10, 5]])
-    context_prompts: list[str] = field(default_factory=lambda: ["The", "Therefore", "Because", "I", "You"])
-    value_batch_size: int = 16  # requests whose z are optimised together (independent rows)
-
-    def validate(self, n_layers: int) -> None:
-        super().validate(n_layers)
-        if self.mom2_update_weight <= 0 or self.value_batch_size < 1:
-            raise ConfigError("editor", self.name, "mom2_update_weight > 0 and value_batch_size >= 1", "")
 
 
 def least_squares_update(keys: Tensor, residual: Tensor, moment: Tensor, weight: float) -> Tensor:

@@ -13,7 +13,8 @@ from torch import Tensor
 
 from editors.keys import encode_prompt, request_contexts
 from editors.requests import EditRequest
-from editors.values import ValueResult, ValueSettings, rewrite_targets
+from editors.config import ValueSettings
+from editors.values import ValueResult, rewrite_targets
 from models.hooks import Hooks
 from models.load import LoadedModel
 

@@ -13,34 +13,20 @@ Several requests are applied one after another, each on the model edited by the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from einops import einsum
 from torch import Tensor
 
-from core.checks import check_choice
-from editors.base import Editor, LocateEditConfig
+from editors.base import Editor
+from editors.config import RomeConfig
 from editors.deltas import WeightDeltas, add_in_place
 from editors.keys import encode_prompt, keys_at, request_keys
 from editors.requests import EditRequest
 from editors.stats import second_moments
 from editors.values import optimize_values
 from models.load import LoadedModel
-
-CONSTRAINT_KEYS = ("prompt", "mean")
-
-
-@dataclass
-class RomeConfig(LocateEditConfig):
-    name: str = "rome"
-    mom2_adjustment: bool = True
-    constraint_key: str = "prompt"
-
-    def validate(self, n_layers: int) -> None:
-        super().validate(n_layers)
-        check_choice("editor.constraint_key", self.constraint_key, CONSTRAINT_KEYS)
 
 
 def rank_one_update(residual: Tensor, key_star: Tensor, key_constraint: Tensor, inverse_moment: Tensor | None) -> Tensor:

@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from core.checks import check_choice
-from core.errors import ConfigError, DataError
+from core.errors import DataError
 from core.hashing import CacheEntry
 from core.io import atomic_save_tensors
+from editors.config import StatsConfig
 from facts.sources import wikitext_paragraphs
 from models.hooks import Hooks
 from models.load import LoadedModel
@@ -35,26 +34,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"
 MOMENT_FILE = "mom2.safetensors"
-CORPORA = ("wikitext2", "wikitext103", "wikipedia", "files")
 WIKITEXT2_FILES = ("wikitext-2-raw/wiki.test.raw", "wikitext-2/valid.txt")  # ~0.45M words, ~4k paragraphs
-
-
-@dataclass
-class StatsConfig:
-    """Which corpus and how much of it; ``n_samples`` counts texts (articles or paragraphs)."""
-
-    corpus: str = "wikitext2"
-    n_samples: int = 100000
-    max_tokens: int = 1024  # each sample is truncated to this many tokens (ROME: the model's context)
-    batch_size: int = 8
-    path: Optional[str] = None  # wikitext2: a dir holding the WikiText-2 files; files: a file or dir of .txt/.raw
-
-    def validate(self) -> None:
-        check_choice("stats.corpus", self.corpus, CORPORA, "unknown corpus")
-        if self.n_samples < 1 or self.max_tokens < 2 or self.batch_size < 1:
-            raise ConfigError("stats", asdict(self), "n_samples, batch_size >= 1 and max_tokens >= 2", "")
-        if self.corpus == "files" and not self.path:
-            raise ConfigError("stats.path", self.path, "corpus=files needs a path", "a text file or a directory of them")
 
 
 # ------------------------------------------------------------------------------------- corpora

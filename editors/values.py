@@ -30,24 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from editors.config import ValueSettings
 from editors.keys import encode_prompt, request_contexts
 from editors.requests import EditRequest
 from models.hooks import Hooks
 from models.load import LoadedModel
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ValueSettings:
-    steps: int = 20
-    lr: float = 0.5
-    weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    kl_prompts: tuple[str, ...] = ("{} is a",)
-    early_stop_loss: float = 0.05
-    relation_removal: str = "spaced"  # see LocateEditConfig.relation_removal
 
 
 @dataclass

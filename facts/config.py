@@ -1,4 +1,5 @@
-"""Typed schema of the ``dataset`` config group (registered by the pipeline as ``dataset_schema``)."""
+"""Typed schema of the ``dataset`` config group (registered by the pipeline as ``dataset_schema``) and the
+held-out text slice that ``stage.quality`` scores (torch-free: registering the schemas must not import torch)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,15 @@ class DatasetConfig:
             raise ConfigError("dataset.limit", self.limit, "must be >= 0 or null", "use null for all records")
         if self.name == "user" and not self.path:
             raise ConfigError("dataset.path", self.path, "dataset=user needs a jsonl file", "set dataset.path=/path/to/facts.jsonl")
+
+
+@dataclass(frozen=True)
+class HeldoutSlice:
+    """Which text: the first ``n_tokens`` tokens of a WikiText-2 file."""
+
+    n_tokens: int  # the default lives in the edit stage's settings (stage.quality.nll_tokens)
+    file: str = "wikitext-2-raw/wiki.test.raw"
+
+    def validate(self, prefix: str = "stage.quality") -> None:
+        if self.n_tokens < 2:
+            raise ConfigError(f"{prefix}.nll_tokens", self.n_tokens, "needs at least 2 tokens", "e.g. 2048")

@@ -12,31 +12,20 @@ tokenizer class/vocab size) and the slice spec, so a sweep tokenizes it once per
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 import torch
 from torch import Tensor
 
-from core.errors import ConfigError, DataError
+from core.errors import DataError
 from core.hashing import CacheEntry
 from core.io import atomic_save_tensors
+from facts.config import HeldoutSlice
 from facts.sources import data_file, wikitext, wikitext_paragraphs
 from models.load import LoadedModel
 
 FORMAT_VERSION = "1"
 TOKENS_FILE = "tokens.safetensors"
-
-
-@dataclass(frozen=True)
-class HeldoutSlice:
-    """Which text: the first ``n_tokens`` tokens of a WikiText-2 file."""
-
-    n_tokens: int  # the default lives in the edit stage's settings (stage.quality.nll_tokens)
-    file: str = "wikitext-2-raw/wiki.test.raw"
-
-    def validate(self, prefix: str = "stage.quality") -> None:
-        if self.n_tokens < 2:
-            raise ConfigError(f"{prefix}.nll_tokens", self.n_tokens, "needs at least 2 tokens", "e.g. 2048")
 
 
 def _tokenize(loaded: LoadedModel, spec: HeldoutSlice, data_dir: str | Path | None) -> Tensor:  # [pos]

@@ -17,7 +17,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from core.conf import CONF_DIR
+from core.conf import CONF_DIR, available_options, config_groups
 from core.paths import default_cache_dir
 from core.errors import ConfigError
 
@@ -85,18 +85,18 @@ SCHEMAS: list[tuple[str | None, str, str]] = [
     ("perspective", "perspective_schema", "pipeline.config:PerspectiveConfig"),
     ("logger", "logger_schema", "pipeline.config:LoggerConfig"),
     ("editor", "editor_schema", "pipeline.config:EditorConfig"),
-    ("editor", "rome_schema", "editors.rome:RomeConfig"),
-    ("editor", "memit_schema", "editors.memit:MemitConfig"),
-    ("editor", "ft_schema", "editors.ft:FtConfig"),
-    ("editor", "kn_schema", "editors.kn:KnConfig"),
-    ("editor", "mend_schema", "editors.mend.editor:MendConfig"),
-    ("stage", "train_mend_schema", "pipeline.stages.train_mend:TrainMendStageConfig"),
-    ("stage", "edit_schema", "pipeline.stages.edit:EditStageConfig"),
-    ("stage", "summarize_schema", "pipeline.stages.summarize:SummarizeStageConfig"),
-    ("stage", "known_schema", "pipeline.stages.known:KnownStageConfig"),
-    ("stage", "trace_schema", "pipeline.stages.trace:TraceStageConfig"),
-    ("stage", "evaluate_schema", "pipeline.stages.evaluate:EvaluateStageConfig"),
-    ("stage", "full_schema", "pipeline.stages.full:FullStageConfig"),
+    ("editor", "rome_schema", "editors.config:RomeConfig"),
+    ("editor", "memit_schema", "editors.config:MemitConfig"),
+    ("editor", "ft_schema", "editors.config:FtConfig"),
+    ("editor", "kn_schema", "editors.config:KnConfig"),
+    ("editor", "mend_schema", "editors.config:MendConfig"),
+    ("stage", "train_mend_schema", "pipeline.stages.config:TrainMendStageConfig"),
+    ("stage", "edit_schema", "pipeline.stages.config:EditStageConfig"),
+    ("stage", "summarize_schema", "pipeline.stages.config:SummarizeStageConfig"),
+    ("stage", "known_schema", "pipeline.stages.config:KnownStageConfig"),
+    ("stage", "trace_schema", "pipeline.stages.config:TraceStageConfig"),
+    ("stage", "evaluate_schema", "pipeline.stages.config:EvaluateStageConfig"),
+    ("stage", "full_schema", "pipeline.stages.config:FullStageConfig"),
 ]
 
 
@@ -169,6 +169,12 @@ def dirname_from_overrides(override_dirname: str) -> str:
     return f"{name[: MAX_DIRNAME - 18]}+{digest}"
 
 
+def help_groups() -> str:
+    """``--help``'s list of groups and options, read from the yamls: Hydra's own list would also offer the
+    ConfigStore schemas (``editor/rome_schema``), which are not options (``conf/hydra/default.yaml``)."""
+    return "\n".join(f"{group}: {', '.join(available_options(group))}" for group in config_groups())
+
+
 def register_configs() -> None:
     """Register schemas and resolvers (idempotent; called by the entry point and by tests)."""
     store = ConfigStore.instance()
@@ -178,6 +184,8 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("kloc.sweep", check_sweep_name)
     if not OmegaConf.has_resolver("kloc.cwd"):
         OmegaConf.register_new_resolver("kloc.cwd", lambda: os.getcwd())
+    if not OmegaConf.has_resolver("kloc.help_groups"):
+        OmegaConf.register_new_resolver("kloc.help_groups", help_groups)
     if not OmegaConf.has_resolver("kloc.dirname"):
         OmegaConf.register_new_resolver("kloc.dirname", dirname_from_overrides)
     if not OmegaConf.has_resolver("kloc.cache_dir"):

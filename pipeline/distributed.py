@@ -15,17 +15,18 @@ import os
 import pickle
 from dataclasses import dataclass
 from itertools import chain
-from typing import Callable, Sequence, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
 
 from core.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where it runs: FabricConfig is part of the torch-free stage schemas
+    import torch
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
-ShardTask = Callable[[list, torch.device], list]
+ShardTask = Callable[[list, "torch.device"], list]
 
 
 @dataclass
@@ -45,6 +46,8 @@ class FabricConfig:
 
 def _accelerator(name: str) -> str:
     if name == "auto":
+        import torch
+
         return "cuda" if torch.cuda.is_available() else "cpu"
     return "cuda" if name == "gpu" else name
 
@@ -60,6 +63,8 @@ def map_sharded(task: ShardTask, items: Sequence[T], config: FabricConfig | None
     config.validate()
     accelerator = _accelerator(config.accelerator)
     if config.devices == 1:
+        import torch
+
         device = torch.device("cuda" if accelerator == "cuda" else "cpu")
         return list(task(list(items), device))
     from lightning.fabric import Fabric
@@ -77,6 +82,8 @@ def _worker(fabric, task: ShardTask, items: list) -> bytes:
     results = list(task([items[i] for i in indices], fabric.device))
     if len(results) != len(indices):
         raise RuntimeError(f"task returned {len(results)} results for {len(indices)} items")
+    import torch
+
     gathered: list = [None] * fabric.world_size
     torch.distributed.all_gather_object(gathered, list(zip(indices, results)))
     torch.distributed.barrier()

@@ -1,6 +1,7 @@
 """Entry point: ``python -m pipeline.run [overrides]`` or ``python -m pipeline.run -m a=1,2 b=x,y``.
 
-Only the Hydra shell lives here; the work is ``pipeline.jobs.run_job`` and the stage functions.
+Only the Hydra shell lives here; the work is ``pipeline.jobs.run_job`` and the stage functions. They import
+torch, so they are imported inside ``main``: ``--help`` and ``--cfg job`` stay fast (no job runs there).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from omegaconf import DictConfig
 from core.errors import ConfigError
 from pipeline.choices import check_group_choices
 from pipeline.config import check_cli_overrides, dirname_from_overrides, register_configs
-from pipeline.jobs import run_job
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from pipeline.jobs import run_job
+
     hydra_cfg = HydraConfig.get()
     check_group_choices(dict(hydra_cfg.runtime.choices))  # e.g. editor=rome_schema, which Hydra offers
     job_dir = Path(hydra_cfg.runtime.output_dir)

@@ -55,7 +55,8 @@ def _embedding_std(loaded, base: Path) -> Any:
 
 
 def _second_moments(loaded, base: Path) -> Any:
-    from editors.stats import StatsConfig, second_moments
+    from editors.config import StatsConfig
+    from editors.stats import second_moments
 
     (base / "corpus.txt").write_text("\n".join(TEXTS))
     config = StatsConfig(corpus="files", path=str(base / "corpus.txt"), n_samples=3, max_tokens=16)
@@ -78,14 +79,16 @@ def _relation_requests(loaded, base: Path) -> Any:
 
 
 def _heldout_tokens(loaded, base: Path) -> Any:
-    from facts.heldout import HeldoutSlice, heldout_tokens
+    from facts.config import HeldoutSlice
+    from facts.heldout import heldout_tokens
 
     return heldout_tokens(loaded, HeldoutSlice(n_tokens=64), cache_dir=cache_of(base)).tolist()
 
 
 def _mend(loaded, base: Path) -> Any:
     from editors.mend.checkpoint import build_metadata, find_checkpoint, layer_shapes, load_checkpoint, save_to_cache
-    from editors.mend.network import MendNetwork, NetworkConfig
+    from editors.config import NetworkConfig
+    from editors.mend.network import MendNetwork
 
     if not (cache_of(base) / "mend").exists():
         torch.manual_seed(0)

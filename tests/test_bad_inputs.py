@@ -142,7 +142,8 @@ def _user_rows(*case_ids: int) -> str:
 def _trace_duplicates(ctx: BadInputContext) -> dict:
     """The trace stage's own function, given a list with a repeated case id (as a notebook might)."""
     from facts.schema import Fact
-    from pipeline.stages.trace import TraceStageConfig, trace_known_facts
+    from pipeline.stages.config import TraceStageConfig
+    from pipeline.stages.trace import trace_known_facts
 
     fact = Fact(case_id=4, subject="Lyon", relation_id="P190", template="The twin city of {} is",
                 prompt="The twin city of Lyon is", target_true="Beirut")

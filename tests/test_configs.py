@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -161,3 +163,44 @@ def test_relation_removal_is_the_authors_on_paper_experiments_only(compose_confi
     assert compose_config(f"editor={editor}", "model=tiny_gpt2").editor.relation_removal == "spaced"
     with pytest.raises(ConfigError, match="relation_removal"):  # when the stage converts the config
         OmegaConf.to_object(compose_config(f"editor={editor}", "model=tiny_gpt2", "editor.relation_removal=nospace").editor)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cli(*args: str, code: str | None = None):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-c", code] if code is not None else [sys.executable, "-m", "pipeline.run", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_registering_the_schemas_imports_neither_torch_nor_transformers():
+    """The schemas live in torch-free config modules, so `--cfg job` and `--help` start in well under a second."""
+    done = _cli(code="import sys, pipeline.config; pipeline.config.register_configs(); import pipeline.run; "
+                     "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_cfg_job_prints_the_composed_config():
+    import time
+
+    started = time.perf_counter()
+    done = _cli("--cfg", "job", "editor=rome", "model=tiny_gpt2")
+    seconds = time.perf_counter() - started
+    assert done.returncode == 0, done.stderr
+    printed = OmegaConf.create(done.stdout)
+    assert printed.editor.name == "rome" and printed.model.name == "tiny_gpt2" and printed.stage.name
+    assert seconds < 30, f"--cfg job took {seconds:.1f} s"  # ~0.5 s without torch; generous for a loaded CI box
+
+
+def test_help_lists_the_yaml_options_and_hides_the_schemas():
+    done = _cli("--help")
+    assert done.returncode == 0, done.stderr
+    assert "_schema" not in done.stdout  # registered in the ConfigStore, but never a user's choice
+    for group in ("editor", "model", "stage", "experiment/stage"):
+        assert f"{group}: {', '.join(available_options(group))}\n" in done.stdout

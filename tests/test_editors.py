@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from editors import EditRequest, Rewrite, WeightDeltas, applied, build_editor, entity_request, relation_request
+from editors.config import MemitConfig, RomeConfig, StatsConfig, ValueSettings
 from editors.deltas import snapshot
 from editors.keys import encode_prompt, keys_at, request_keys
-from editors.memit import MemitConfig, least_squares_update, unique_keys
+from editors.memit import least_squares_update, unique_keys
 from editors.reference import optimize_value_reference
-from editors.rome import RomeConfig, rank_one_update
-from editors.stats import StatsConfig
-from editors.values import ValueSettings, optimize_values, rewrite_targets
+from editors.rome import rank_one_update
+from editors.values import optimize_values, rewrite_targets
 
 STATS = StatsConfig(corpus="wikitext2", n_samples=120, max_tokens=64, batch_size=16)
 CONTEXTS = ["{}", "A short story. {}", "It was late and the. {}"]
@@ -306,9 +306,7 @@ def test_build_editor_refuses_a_config_renamed_to_another_editor():
 
 
 def _editor_configs():
-    from editors.ft import FtConfig
-    from editors.kn import KnConfig
-    from editors.mend import MendConfig
+    from editors.config import FtConfig, KnConfig, MendConfig
 
     return {"rome": RomeConfig, "memit": MemitConfig, "ft": FtConfig, "kn": KnConfig, "mend": MendConfig}
 

@@ -7,7 +7,8 @@ import torch
 
 from core.errors import ConfigError
 from editors import build_editor
-from editors.ft import FtConfig, target_batch, target_nll_rows
+from editors.config import FtConfig
+from editors.ft import target_batch, target_nll_rows
 from editors.requests import EditRequest, Rewrite
 from models.scoring import target_nll
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from editors import build_editor
-from editors.kn import KnConfig, attribution_scores, coarse_neurons, refine_neurons
+from editors.config import KnConfig
+from editors.kn import attribution_scores, coarse_neurons, refine_neurons
 from editors.requests import EditRequest, Rewrite
 from models.hooks import Hooks
 from models.scoring import encode_prompts

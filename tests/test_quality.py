@@ -95,7 +95,8 @@ def test_guard_rows_turn_collapsed_successes_into_failures():
 
 def test_guarded_table_reports_the_darrieux_case_as_a_failure():
     """Reliability 0 -> 1 by a margin of 1e-4 while the held-out NLL exploded: counted, not a success."""
-    from pipeline.stages.edit import EditStageConfig, _guarded_table
+    from pipeline.stages.config import EditStageConfig
+    from pipeline.stages.edit import _guarded_table
 
     pre = [{"case_id": 0, "entity.reliability": 0.0, "quality.nll": 3.2, "quality.fluency": 4.9},
            {"case_id": 1, "entity.reliability": 0.0, "quality.nll": 3.2, "quality.fluency": 4.5}]
@@ -154,7 +155,8 @@ def test_stream_nll_matches_a_hand_loop(tiny_gpt2):
 
 def test_heldout_tokens_are_the_slice_prefix_and_cached(tiny_gpt2, tmp_path, monkeypatch):
     from facts import heldout
-    from facts.heldout import HeldoutSlice, heldout_tokens
+    from facts.config import HeldoutSlice
+    from facts.heldout import heldout_tokens
 
     spec = HeldoutSlice(n_tokens=300)
     tokens = heldout_tokens(tiny_gpt2, spec, cache_dir=tmp_path)

@@ -29,8 +29,9 @@ from safetensors.torch import load_file
 
 from editors.keys import encode_prompt, keys_at, request_keys
 from editors.requests import EditRequest, Rewrite, relation_request
-from editors.rome import Rome, RomeConfig, rank_one_update
-from editors.values import ValueSettings, optimize_values
+from editors.config import RomeConfig, ValueSettings
+from editors.rome import Rome, rank_one_update
+from editors.values import optimize_values
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 1 torch thread (2 shared cores)
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from editors import stats as stats_module
-from editors.stats import StatsConfig, accumulate_second_moments, corpus_texts, second_moments
+from editors.config import StatsConfig
+from editors.stats import accumulate_second_moments, corpus_texts, second_moments
 from editors.templates import context_templates
 from models.hooks import run_with_cache
 

@@ -17,7 +17,8 @@ from typing import Any, Optional, Sequence
 from core.errors import CacheError, ConfigError, ModelError
 from core.hashing import CacheEntry, corrupt_error, read_cached, repair_enabled
 from core.io import atomic_save_tensors, atomic_write_json, load_tensors
-from editors.mend.network import MendNetwork, NetworkConfig
+from editors.config import NetworkConfig
+from editors.mend.network import MendNetwork
 from models.load import LoadedModel
 
 log = logging.getLogger(__name__)

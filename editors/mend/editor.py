@@ -9,41 +9,21 @@ MEND edits the sentence add_rel_prompt + " " + relation phrase in the relation p
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from core.checks import check_choice, check_layers
-from core.errors import ConfigError
 from editors.base import EditResult, Editor
+from editors.config import MendConfig
 from editors.deltas import WeightDeltas
-from editors.ft import REWRITE_CHOICES, rewrite_pairs, target_batch
+from editors.ft import rewrite_pairs, target_batch
 from editors.mend.checkpoint import find_checkpoint, load_checkpoint
 from editors.mend.factors import gradient_factors, projection_names
-from editors.mend.network import MendNetwork, NetworkConfig
+from editors.mend.network import MendNetwork
 from editors.requests import EditRequest
 from models.load import LoadedModel
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class MendConfig:
-    name: str = "mend"
-    # edited MLP output projections (null: the checkpoint's); train_mend trains these
-    layers: Optional[list[int]] = None
-    # a train_mend job dir / cache entry (or its mend.safetensors); null: newest cached one for the model
-    checkpoint: Optional[str] = None
-    rewrites: str = "main"
-    network: NetworkConfig = field(default_factory=NetworkConfig)
-
-    def validate(self, n_layers: int) -> None:
-        check_choice("editor.rewrites", self.rewrites, REWRITE_CHOICES)
-        if self.layers is not None:
-            check_layers("editor.layers", self.layers, n_layers, hint="use null for the checkpoint's layers")
-        if self.network.rank < 1 or self.network.n_hidden < 0 or self.network.edit_lr <= 0:
-            raise ConfigError("editor.network", self.network, "rank >= 1, n_hidden >= 0 and edit_lr > 0 are required", "")
 
 
 class Mend(Editor):

@@ -13,22 +13,11 @@ descent with step lr_l), with a per-layer scale and shift of each pre-activation
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from einops import einsum
 from torch import Tensor, nn
 
-
-@dataclass
-class NetworkConfig:
-    """The hypernetwork's shape (MEND's defaults: rank 1920, one hidden layer, shared per shape)."""
-
-    rank: int = 1920
-    n_hidden: int = 1
-    edit_lr: float = 1e-4  # initial per-layer step size (learned)
-    shared: bool = True  # one MLP per layer shape, with per-layer scale/shift
-    norm: bool = True  # normalise u and delta by running statistics
+from editors.config import NetworkConfig
 
 
 class LowRankResidual(nn.Module):

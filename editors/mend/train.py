@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -33,10 +33,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from core.errors import ConfigError, DataError
+from editors.config import MendTrainConfig, NetworkConfig
 from editors.ft import target_batch, target_nll_rows
 from editors.mend.checkpoint import layer_shapes
 from editors.mend.factors import edited_forward, gradient_factors, projection_names
-from editors.mend.network import MendNetwork, NetworkConfig
+from editors.mend.network import MendNetwork
 from models.load import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -77,31 +78,6 @@ def examples_from_relation_requests(requests: Sequence[Any]) -> list[MendExample
         out.append(MendExample(request.add_prompt, request.target_add, equivalent, request.neighborhood_prompts[0],
                                request.neighborhood_target))
     return out
-
-
-@dataclass
-class MendTrainConfig:
-    """MEND's training hyperparameters (Mitchell et al.: lr 1e-6, lr_lr 1e-4, cedit 0.1, cloc 1)."""
-
-    steps: int = 10000
-    n_edits: int = 1  # edits per step, applied together
-    lr: float = 1e-6
-    lr_lr: float = 1e-4
-    cedit: float = 0.1
-    cloc: float = 1.0
-    grad_clip: float = 100.0
-    val_every: int = 500
-    n_val: int = 50
-    checkpoint_every: int = 200
-    log_every: int = 10
-    seed: int = 0
-
-    def validate(self) -> None:
-        for key in ("steps", "n_edits", "val_every", "n_val", "checkpoint_every", "log_every"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"stage.{key}", getattr(self, key), "must be >= 1")
-        if self.lr <= 0 or self.lr_lr < 0 or self.cedit < 0 or self.cloc < 0 or self.grad_clip <= 0:
-            raise ConfigError("stage", asdict(self), "lr, grad_clip > 0 and lr_lr, cedit, cloc >= 0 are required")
 
 
 @dataclass

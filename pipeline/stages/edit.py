@@ -23,7 +23,7 @@ import logging
 import shutil
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,7 +34,6 @@ from core.errors import ConfigError
 from core.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json, read_jsonl
 from core.memory import halving_map
 from editors import build_editor, check_editor_config, entity_request, relation_request
-from editors.requests import LOOKUPS
 from facts.relations import load_relation_table
 from metrics.aggregate import aggregate
 from metrics.evaluation import prepare_cases
@@ -44,8 +43,9 @@ from metrics.report import render_markdown
 from models.load import LoadedModel
 from pipeline.jobs import PROGRESS
 from pipeline.stages.common import load_configured_facts, load_configured_model, with_load_summary
-from pipeline.stages.quality import COLLAPSED, GENERATIONS, QualityScorer, QualitySettings, collapsed, render_examples
-from pipeline.stages.scoring import ScoringSettings, score_cases, score_in_process
+from pipeline.stages.config import EditStageConfig
+from pipeline.stages.quality import COLLAPSED, GENERATIONS, QualityScorer, collapsed, render_examples
+from pipeline.stages.scoring import score_cases, score_in_process
 
 log = logging.getLogger(__name__)
 
@@ -82,30 +82,6 @@ class EditProgress:
         results = compute()
         atomic_write_json(path, {"case_ids": case_ids, "results": [list(pair) for pair in results]})
         return results
-
-
-@dataclass
-class EditStageConfig(ScoringSettings):
-    name: str = "edit"
-    # First N cases of the dataset (after the known filter and, for relation edits, those with a relation).
-    n_cases: int = 100
-    known_only: bool = False
-    # Cases per edit: null = the editor's default (ROME 1: one edit, scored, restored; MEMIT 100).
-    edit_batch_size: Optional[int] = None
-    # Relation perspective: key/lookup token of relation edits (subject_last as the authors; or prompt_last).
-    relation_lookup: str = "subject_last"
-    # Fluency, held-out NLL and the collapse flag, pre and post (pipeline.stages.quality).
-    quality: QualitySettings = field(default_factory=QualitySettings)
-
-    def validate(self, prefix: str = "stage") -> None:
-        if self.n_cases < 1:
-            raise ConfigError(f"{prefix}.n_cases", self.n_cases, "must be >= 1")
-        if self.edit_batch_size is not None and self.edit_batch_size < 1:
-            raise ConfigError(f"{prefix}.edit_batch_size", self.edit_batch_size, "must be >= 1 or null")
-        if self.relation_lookup not in LOOKUPS:
-            raise ConfigError(f"{prefix}.relation_lookup", self.relation_lookup, "unknown lookup", f"use one of {', '.join(LOOKUPS)}")
-        self.quality.validate(f"{prefix}.quality")
-        super().validate(prefix)
 
 
 def run(cfg: DictConfig, job_dir: Path, logger) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -23,23 +22,10 @@ from metrics.aggregate import aggregate
 from metrics.evaluation import prepare_cases
 from metrics.report import render_markdown
 from pipeline.stages.common import load_configured_facts, load_configured_model, with_load_summary
-from pipeline.stages.scoring import ScoringSettings, score_cases
+from pipeline.stages.config import EvaluateStageConfig
+from pipeline.stages.scoring import score_cases
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvaluateStageConfig(ScoringSettings):
-    name: str = "evaluate"
-    # First N cases of the dataset (after the known filter); fewer if the dataset is smaller.
-    n_cases: int = 200
-    # Keep only facts whose object the model predicts greedily (facts.knowledge, cached).
-    known_only: bool = False
-
-    def validate(self, prefix: str = "stage") -> None:
-        if self.n_cases < 1:
-            raise ConfigError(f"{prefix}.n_cases", self.n_cases, "must be >= 1")
-        super().validate(prefix)
 
 
 def run(cfg: DictConfig, job_dir: Path, logger) -> dict:

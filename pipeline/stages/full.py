@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -23,28 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from core.io import atomic_write_json, read_json
 from editors import check_editor_config
-from facts.config import DatasetConfig
 from pipeline.jobs import RESULTS
 from pipeline.stages.common import load_configured_facts, load_configured_model, with_load_summary
-from pipeline.stages.edit import EditStageConfig, edit_cases
-from pipeline.stages.trace import TraceStageConfig, trace_known_facts
+from pipeline.stages.config import FullStageConfig
+from pipeline.stages.edit import edit_cases
+from pipeline.stages.trace import trace_known_facts
 
 log = logging.getLogger(__name__)
-
-def _known_dataset() -> DatasetConfig:
-    return DatasetConfig(name="known")
-
-
-@dataclass
-class FullStageConfig:
-    name: str = "full"
-    # Facts traced (the model's known ones among them); the paper traces ROME's known facts.
-    trace_dataset: DatasetConfig = field(default_factory=_known_dataset)
-    trace: TraceStageConfig = field(default_factory=TraceStageConfig)
-    edit: EditStageConfig = field(default_factory=EditStageConfig)
-    # Skip a step entirely (e.g. tracing only, or editing with a trace computed elsewhere).
-    run_trace: bool = True
-    run_edit: bool = True
 
 
 def run(cfg: DictConfig, job_dir: Path, logger) -> dict:

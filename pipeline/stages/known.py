@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from core.io import atomic_write_jsonl
 from facts.knowledge import knowledge_table
+from pipeline.stages.config import KnownStageConfig
 from pipeline.stages.common import load_configured_facts, load_configured_model, with_load_summary
-
-
-@dataclass
-class KnownStageConfig:
-    name: str = "known"
-    batch_size: int = 64
 
 
 def run(cfg: DictConfig, job_dir: Path, logger) -> dict:

@@ -13,55 +13,20 @@ post-edit NLL once per edit (a MEMIT group shares it). Cost per case on a CPU:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from torch import Tensor
 
-from core.errors import ConfigError
-from facts.heldout import HeldoutSlice, heldout_tokens
+from facts.heldout import heldout_tokens
 from metrics.quality import CollapseThresholds, is_collapsed, ngram_entropy
 from models.load import LoadedModel
 from models.predict import greedy_continuations
 from models.scoring import stream_nll
+from pipeline.stages.config import QualitySettings
 
 FLUENCY, NLL, COLLAPSED = "quality.fluency", "quality.nll", "quality.collapsed"
 GENERATIONS = "generations"  # row key of the generated texts (cases.jsonl, examples.md; never aggregated)
-
-
-@dataclass
-class QualitySettings:
-    """``stage.quality``: what the fluency / general-ability scores cost and when an edit collapsed."""
-
-    enabled: bool = True
-    # Greedy tokens per generation. ROME generates 100; 32 (~25 words, enough for a loop to show in
-    # the entropy) keeps the extra cost of a 3-case SmolLM2 demo near 20 s on 2 shared CPU cores.
-    max_new_tokens: int = 32
-    # Prompts per case to generate from: the rewrite prompt, then paraphrases (ROME: ~10 generation prompts).
-    n_generation_prompts: int = 2
-    # Held-out WikiText tokens for the NLL (first N of the WikiText-2 test split), scored in windows.
-    # One pass per edit (~1.7 s for 512 tokens on SmolLM2, 1 CPU thread). Pre and post read the same
-    # tokens, so the paired difference is not sampling noise; raise it (e.g. 4096) on a GPU.
-    nll_tokens: int = 512
-    nll_window: int = 512
-    # Cases shown in examples.md (pre/post generations side by side).
-    n_examples: int = 3
-    collapse: CollapseThresholds = field(default_factory=CollapseThresholds)
-
-    def validate(self, prefix: str = "stage.quality") -> None:
-        for key in ("max_new_tokens", "n_generation_prompts"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{prefix}.{key}", getattr(self, key), "must be >= 1")
-        if self.nll_window < 2:
-            raise ConfigError(f"{prefix}.nll_window", self.nll_window, "must be >= 2", "e.g. 512")
-        if self.n_examples < 0:
-            raise ConfigError(f"{prefix}.n_examples", self.n_examples, "must be >= 0")
-        self.heldout().validate(prefix)
-        self.collapse.validate(f"{prefix}.collapse")
-
-    def heldout(self) -> HeldoutSlice:
-        return HeldoutSlice(n_tokens=self.nll_tokens)
 
 
 def generation_prompts(case: Any, n: int) -> list[str]:

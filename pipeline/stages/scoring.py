@@ -10,40 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from core.errors import ConfigError
 from models.config import ModelConfig
 from models.load import LoadedModel, load_model
-from pipeline.distributed import FabricConfig, map_sharded
-
-
-@dataclass
-class ScoringSettings:
-    # (prompt, candidate) rows per forward pass (halved automatically on GPU out-of-memory).
-    batch_size: int = 256
-    # Cap on the extra entity-side paraphrases drawn from the relation's templates (null: all).
-    max_template_paraphrases: Optional[int] = None
-    n_resamples: int = 1000
-    confidence: float = 0.95
-    progress: bool = True
-    # Shard the cases over several devices (one model replica each); devices=1 scores in-process.
-    fabric: FabricConfig = field(default_factory=FabricConfig)
-
-    def validate(self, prefix: str = "stage") -> None:
-        for key in ("batch_size", "n_resamples"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{prefix}.{key}", getattr(self, key), "must be >= 1")
-        if not 0 < self.confidence < 1:
-            raise ConfigError(f"{prefix}.confidence", self.confidence, "must be in (0, 1)", hint="e.g. 0.95")
-        if self.max_template_paraphrases is not None and self.max_template_paraphrases < 0:
-            raise ConfigError(f"{prefix}.max_template_paraphrases", self.max_template_paraphrases, "must be >= 0",
-                              hint="use null for all templates")
-        self.fabric.validate()
+from pipeline.distributed import map_sharded
+from pipeline.stages.config import ScoringSettings
 
 
 def score_cases(loaded: LoadedModel, model: ModelConfig, cases: Sequence, relations: Mapping[str, Any],

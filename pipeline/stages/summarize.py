@@ -17,31 +17,20 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from core.errors import ConfigError
 from core.io import atomic_path, atomic_write_text, read_json, read_jsonl
 from pipeline.jobs import finished_steps
+from pipeline.stages.config import SummarizeStageConfig
 from metrics.paper import PAPER_EDITING
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class SummarizeStageConfig:
-    name: str = "summarize"
-    sweep_dir: str = MISSING
-    # Metrics for the markdown table (all metrics go to the csv / parquet).
-    metrics: list[str] = field(default_factory=lambda: [
-        "entity.reliability", "entity.generality", "entity.locality", "entity.score",
-        "relation.reliability", "relation.generality", "relation.locality", "relation.removal", "relation.score",
-        "entity.reliability_guarded", "entity.score_guarded", "relation.reliability_guarded", "relation.score_guarded",
-        "quality.fluency", "quality.nll", "quality.collapsed"])
 
 # Metrics in their own units (bits, nats/token), printed as they are; every other metric is a rate (%).
 UNIT_METRICS = ("quality.fluency", "quality.nll")

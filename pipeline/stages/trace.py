@@ -13,22 +13,21 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from core.errors import ConfigError, DataError
+from core.errors import DataError
 from core.hashing import repair_enabled, repairing
 from core.io import atomic_save_tensors, atomic_write_jsonl
 from facts.knowledge import known_facts
 from facts.validate import check_unique_case_ids
 from facts.relations import load_relation_table
 from models.load import LoadedModel, load_model
-from pipeline.distributed import FabricConfig, map_sharded
+from pipeline.distributed import map_sharded
 from pipeline.stages.common import load_configured_facts, load_configured_model, with_load_summary
+from pipeline.stages.config import TraceStageConfig
 from pipeline.stages.scoring import replica_config
 from tracing import TraceSettings, embedding_std, severed_key, trace_fact
 from tracing.aggregate import aggregate_aie
@@ -36,40 +35,6 @@ from tracing.plots import plot_aie_curves, plot_role_heatmaps, plot_severed, plo
 from tracing.spans import check_subject_tokens
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TraceStageConfig:
-    name: str = "trace"
-    n_facts: Optional[int] = 100
-    kinds: list[str] = field(default_factory=lambda: ["hidden", "mlp", "attn"])
-    severed: bool = True
-    window: int = 10
-    samples: int = 10
-    noise: str = "gaussian"
-    noise_factor: float = 3.0
-    noise_scale: Optional[float] = None
-    answer: str = "predicted"
-    max_rows: Optional[int] = None
-    n_bootstrap: int = 1000
-    confidence: float = 0.95
-    plot_facts: int = 5
-    knowledge_batch_size: int = 64
-    progress: bool = True
-    # Shard the facts over several devices (one model replica each); devices=1 traces in-process.
-    fabric: FabricConfig = field(default_factory=FabricConfig)
-
-    def trace_settings(self, seed: int, prefix: str = "stage") -> TraceSettings:
-        if self.answer not in ("predicted", "true"):
-            raise ConfigError(f"{prefix}.answer", self.answer, "unknown answer choice", hint="use predicted or true")
-        if self.n_facts is not None and self.n_facts < 1:
-            raise ConfigError(f"{prefix}.n_facts", self.n_facts, "must be >= 1 or null", hint="null traces every known fact")
-        self.fabric.validate()
-        if not 0 < self.confidence < 1:
-            raise ConfigError(f"{prefix}.confidence", self.confidence, "must be in (0, 1)", hint="e.g. 0.95")
-        return TraceSettings(kinds=tuple(self.kinds), severed=("mlp", "attn") if self.severed else (),
-                             window=self.window, samples=self.samples, noise=self.noise,
-                             noise_scale=self.noise_scale, noise_factor=self.noise_factor, seed=seed)
 
 
 def run(cfg: DictConfig, job_dir: Path, logger) -> dict:

@@ -14,42 +14,21 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from core.checks import check_choice
 from core.errors import ConfigError
 from core.io import atomic_write_jsonl
-from editors.mend import (MendConfig, MendTrainConfig, examples_from_facts, examples_from_relation_requests, save_checkpoint,
-                          save_to_cache, train_mend)
+from editors.mend import (MendConfig, examples_from_facts, examples_from_relation_requests, save_checkpoint, save_to_cache,
+                          train_mend)
 from editors.mend.checkpoint import build_metadata
 from pipeline.stages.common import load_configured_model
+from pipeline.stages.config import TrainMendStageConfig
 
 log = logging.getLogger(__name__)
-
-EXAMPLES = ("entity", "relation", "both")
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
-
-
-@dataclass
-class TrainMendStageConfig(MendTrainConfig):
-    name: str = "train_mend"
-    # Which edits to train on: entity (prompt -> o*, as MEND), relation (add prompt -> phrase) or both.
-    examples: str = "entity"
-    # CounterFact training cases (null: the whole train split) and validation cases (val split).
-    train_limit: Optional[int] = None
-    precision: str = "32-true"
-    progress: bool = True
-
-    def validate(self) -> None:
-        super().validate()
-        check_choice("stage.examples", self.examples, EXAMPLES)
-        check_choice("stage.precision", self.precision, PRECISIONS, "unknown precision")
-        if self.train_limit is not None and self.train_limit < 1:
-            raise ConfigError("stage.train_limit", self.train_limit, "must be >= 1 or null")
 
 
 def _examples(kind: str, split: str, limit: Optional[int], cfg: DictConfig):

@@ -1,0 +1,237 @@
+"""Typed schemas of the ``editor`` config group (registered by the pipeline as ``editor/<name>_schema``)
+and the settings they hand to the editors' helpers.
+
+Torch-free, so that registering the schemas (``python -m pipeline.run --cfg job``, ``--help``) does
+not import torch: the editor modules import their configs from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from omegaconf import MISSING
+
+from core.checks import check_choice, check_layer_list, check_layers
+from core.errors import ConfigError
+
+
+CORPORA = ("wikitext2", "wikitext103", "wikipedia", "files")
+
+
+@dataclass
+class StatsConfig:
+    """Which corpus and how much of it; ``n_samples`` counts texts (articles or paragraphs)."""
+
+    corpus: str = "wikitext2"
+    n_samples: int = 100000
+    max_tokens: int = 1024  # each sample is truncated to this many tokens (ROME: the model's context)
+    batch_size: int = 8
+    path: Optional[str] = None  # wikitext2: a dir holding the WikiText-2 files; files: a file or dir of .txt/.raw
+
+    def validate(self) -> None:
+        check_choice("stats.corpus", self.corpus, CORPORA, "unknown corpus")
+        if self.n_samples < 1 or self.max_tokens < 2 or self.batch_size < 1:
+            raise ConfigError("stats", asdict(self), "n_samples, batch_size >= 1 and max_tokens >= 2", "")
+        if self.corpus == "files" and not self.path:
+            raise ConfigError("stats.path", self.path, "corpus=files needs a path", "a text file or a directory of them")
+
+
+@dataclass(frozen=True)
+class ValueSettings:
+    steps: int = 20
+    lr: float = 0.5
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    kl_prompts: tuple[str, ...] = ("{} is a",)
+    early_stop_loss: float = 0.05
+    relation_removal: str = "spaced"  # see LocateEditConfig.relation_removal
+
+
+RELATION_REMOVALS = ("spaced", "authors")
+
+
+@dataclass
+class LocateEditConfig:
+    """ROME/MEMIT hyperparameters (names follow the authors' hparams files)."""
+
+    name: str = MISSING
+    layers: list[int] = MISSING
+    # value optimisation (compute_v / compute_z); the loss is read at the final layer
+    v_num_grad_steps: int = 20
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    kl_prompts: list[str] = field(default_factory=lambda: ["{} is a"])
+    early_stop_loss: float = 0.05
+    # The relation edit's removal target "None" (the (s, o) rewrite). spaced: trained as " None",
+    # as the evaluation scores it, each row's NLL averaged over its own target tokens. authors: as
+    # RaKE's compute_v_rel (tests/test_rome_fixtures.py test_relation_*; their MEMIT compute_z reads
+    # the same): tok("None") without the leading space, and its rows divided by the relation
+    # phrase's token count. Entity edits: no effect. The paper models' editor_model files use authors.
+    relation_removal: str = "spaced"
+    # context templates: [length, count] pairs; generation starts at these prompts ([] = start-of-text)
+    context_template_lengths: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
+    context_prompts: list[str] = field(default_factory=list)
+    context_seed: int = 0
+    # second-moment statistics of the rewritten layers' keys
+    stats: StatsConfig = field(default_factory=StatsConfig)
+
+    def value_settings(self) -> ValueSettings:
+        return ValueSettings(self.v_num_grad_steps, self.v_lr, self.v_weight_decay, self.clamp_norm_factor,
+                             self.kl_factor, tuple(self.kl_prompts), self.early_stop_loss, self.relation_removal)
+
+    def __post_init__(self) -> None:
+        check_layer_list("editor.layers", self.layers)  # required: a RomeConfig() without layers is refused here
+        check_choice("editor.relation_removal", self.relation_removal, RELATION_REMOVALS)
+
+    def validate(self, n_layers: int) -> None:
+        check_layers("editor.layers", self.layers, n_layers)
+        check_choice("editor.relation_removal", self.relation_removal, RELATION_REMOVALS)
+        if self.v_num_grad_steps < 1 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
+            raise ConfigError("editor", self.name, "v_num_grad_steps >= 1, v_lr > 0 and clamp_norm_factor > 0", "")
+        self.stats.validate()
+
+
+CONSTRAINT_KEYS = ("prompt", "mean")
+
+
+@dataclass
+class RomeConfig(LocateEditConfig):
+    name: str = "rome"
+    mom2_adjustment: bool = True
+    constraint_key: str = "prompt"
+
+    def validate(self, n_layers: int) -> None:
+        super().validate(n_layers)
+        check_choice("editor.constraint_key", self.constraint_key, CONSTRAINT_KEYS)
+
+
+@dataclass
+class MemitConfig(LocateEditConfig):
+    name: str = "memit"
+    clamp_norm_factor: float = 0.75
+    mom2_update_weight: float = 20000.0
+    context_template_lengths: list[list[int]] = field(default_factory=lambda: [[10, 5]])
+    context_prompts: list[str] = field(default_factory=lambda: ["The", "Therefore", "Because", "I", "You"])
+    value_batch_size: int = 16  # requests whose z are optimised together (independent rows)
+
+    def validate(self, n_layers: int) -> None:
+        super().validate(n_layers)
+        if self.mom2_update_weight <= 0 or self.value_batch_size < 1:
+            raise ConfigError("editor", self.name, "mom2_update_weight > 0 and value_batch_size >= 1", "")
+
+
+REWRITE_CHOICES = ("main", "all")
+
+
+# ------------------------------------------------------------------------------------------ FT
+@dataclass
+class FtConfig:
+    """FT-L hyperparameters (ROME/EasyEdit names); the layer is per model (``editor_model/``)."""
+
+    name: str = "ft"
+    layers: list[int] = field(default_factory=lambda: [0])
+    num_steps: int = 25
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    # L-inf bound on each weight's change (null: unconstrained fine-tuning)
+    norm_constraint: Optional[float] = 5e-4
+    early_stop_loss: float = 1e-2
+    rewrites: str = "main"
+
+    def validate(self, n_layers: int) -> None:
+        check_layers("editor.layers", self.layers, n_layers)
+        check_choice("editor.rewrites", self.rewrites, REWRITE_CHOICES)
+        if self.num_steps < 1 or self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError("editor", self.name, "num_steps >= 1, lr > 0 and weight_decay >= 0 are required", "")
+        if self.norm_constraint is not None and self.norm_constraint <= 0:
+            raise ConfigError("editor.norm_constraint", self.norm_constraint, "must be > 0", "use null for no constraint")
+
+
+OLD_TARGETS = ("request", "prediction")
+
+
+@dataclass
+class KnConfig:
+    name: str = "kn"
+    layers: Optional[list[int]] = None  # attributed layers (null: all)
+    steps: int = 20
+    adaptive_threshold: float = 0.2
+    share_threshold: float = 0.4  # p: a neuron must be coarse in more than p x the prompts
+    n_prompts: int = 5  # the bare prompt and the first n_prompts - 1 context templates
+    edit_scale: float = 2.0
+    old_target: str = "request"
+    max_rows: int = 512  # (layer, step) rows per staircase batch
+    context_template_lengths: list[list[int]] = field(default_factory=lambda: [[10, 4]])
+    context_prompts: list[str] = field(default_factory=list)
+    context_seed: int = 0
+
+    def validate(self, n_layers: int) -> None:
+        if self.layers is not None:
+            check_layers("editor.layers", self.layers, n_layers, hint="use null for all layers")
+        check_choice("editor.old_target", self.old_target, OLD_TARGETS)
+        if self.steps < 1 or self.n_prompts < 1 or self.max_rows < 1:
+            raise ConfigError("editor", self.name, "steps, n_prompts and max_rows must be >= 1", "")
+        if not 0 <= self.adaptive_threshold < 1 or not 0 <= self.share_threshold < 1:
+            raise ConfigError("editor", self.name, "adaptive_threshold and share_threshold must be in [0, 1)", "e.g. 0.2 and 0.4")
+
+    def attributed_layers(self, n_layers: int) -> list[int]:
+        return sorted(set(self.layers)) if self.layers is not None else list(range(n_layers))
+
+
+@dataclass
+class NetworkConfig:
+    """The hypernetwork's shape (MEND's defaults: rank 1920, one hidden layer, shared per shape)."""
+
+    rank: int = 1920
+    n_hidden: int = 1
+    edit_lr: float = 1e-4  # initial per-layer step size (learned)
+    shared: bool = True  # one MLP per layer shape, with per-layer scale/shift
+    norm: bool = True  # normalise u and delta by running statistics
+
+
+@dataclass
+class MendConfig:
+    name: str = "mend"
+    # edited MLP output projections (null: the checkpoint's); train_mend trains these
+    layers: Optional[list[int]] = None
+    # a train_mend job dir / cache entry (or its mend.safetensors); null: newest cached one for the model
+    checkpoint: Optional[str] = None
+    rewrites: str = "main"
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+
+    def validate(self, n_layers: int) -> None:
+        check_choice("editor.rewrites", self.rewrites, REWRITE_CHOICES)
+        if self.layers is not None:
+            check_layers("editor.layers", self.layers, n_layers, hint="use null for the checkpoint's layers")
+        if self.network.rank < 1 or self.network.n_hidden < 0 or self.network.edit_lr <= 0:
+            raise ConfigError("editor.network", self.network, "rank >= 1, n_hidden >= 0 and edit_lr > 0 are required", "")
+
+
+@dataclass
+class MendTrainConfig:
+    """MEND's training hyperparameters (Mitchell et al.: lr 1e-6, lr_lr 1e-4, cedit 0.1, cloc 1)."""
+
+    steps: int = 10000
+    n_edits: int = 1  # edits per step, applied together
+    lr: float = 1e-6
+    lr_lr: float = 1e-4
+    cedit: float = 0.1
+    cloc: float = 1.0
+    grad_clip: float = 100.0
+    val_every: int = 500
+    n_val: int = 50
+    checkpoint_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+
+    def validate(self) -> None:
+        for key in ("steps", "n_edits", "val_every", "n_val", "checkpoint_every", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"stage.{key}", getattr(self, key), "must be >= 1")
+        if self.lr <= 0 or self.lr_lr < 0 or self.cedit < 0 or self.cloc < 0 or self.grad_clip <= 0:
+            raise ConfigError("stage", asdict(self), "lr, grad_clip > 0 and lr_lr, cedit, cloc >= 0 are required")
+
