@@ -12,7 +12,7 @@ import importlib
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -137,8 +137,6 @@ def check_cli_overrides(args: list[str]) -> None:
         overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
     except Exception:  # noqa: BLE001 - a syntax error is Hydra's to report, with its own message
         return
-    from pipeline.choices import check_group_choices
-
     for override in overrides:
         key = override.key_or_group
         if override.is_delete() or (key not in ROOT_CHECKS and not (CONF_DIR / key).is_dir()):
@@ -149,6 +147,27 @@ def check_cli_overrides(args: list[str]) -> None:
                 ROOT_CHECKS[key](value)
             elif isinstance(value, str):
                 check_group_choices({key: value})
+
+
+def schema_names(group: str) -> set[str]:
+    """Names registered for ``group`` in the ConfigStore (internal; never a user's choice)."""
+    return {name for schema_group, name, _ in SCHEMAS if schema_group == group}
+
+
+def check_group_choices(choices: Mapping[str, Optional[str]]) -> None:
+    """Refuse a group choice that is a registered schema (``editor=rome_schema``), not an option.
+
+    The schemas are registered in Hydra's ConfigStore so that the option yamls can extend them, so
+    Hydra also accepts them as choices and composes a node whose required fields are ``MISSING``;
+    the job would then die deep inside a stage. Only schema names are refused: optional groups
+    (``editor_model``, ``local``) record the name they looked for even when no such file exists.
+    """
+    for group, choice in choices.items():
+        if choice is None or group.startswith("hydra"):
+            continue
+        if choice in schema_names(group):
+            raise ConfigError(group, choice, "is the group's schema (its required fields are unset), not an option",
+                              f"use one of {', '.join(available_options(group))}")
 
 
 def validate_root(cfg: Any) -> None:

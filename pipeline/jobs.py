@@ -68,10 +68,6 @@ def stage_function(name: str) -> StageFn:
     return module.run
 
 
-def is_done(job_dir: Path) -> bool:
-    return (job_dir / RESULTS).exists()
-
-
 def run_job(cfg: DictConfig, job_dir: Path, job_name: str = "defaults") -> dict:
     """Run ``cfg.stage`` in ``job_dir`` unless it is already done; returns the results dict."""
     validate_root(cfg)

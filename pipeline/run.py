@@ -15,8 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from core.errors import ConfigError
-from pipeline.choices import check_group_choices
-from pipeline.config import check_cli_overrides, dirname_from_overrides, register_configs
+from pipeline.config import check_cli_overrides, check_group_choices, dirname_from_overrides, register_configs
 
 register_configs()
 

@@ -110,8 +110,8 @@ from facts import DatasetConfig, load_facts  # noqa: E402
 
 
 def _choices(ctx: BadInputContext, *overrides: str) -> None:
-    """The entry point's check of Hydra's recorded group choices (pipeline.choices)."""
-    from pipeline.choices import check_group_choices
+    """The entry point's check of Hydra's recorded group choices (pipeline.config.check_group_choices)."""
+    from pipeline.config import check_group_choices
 
     check_group_choices(dict(ctx.compose(*overrides, return_hydra_config=True).hydra.runtime.choices))
 

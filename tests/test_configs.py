@@ -73,7 +73,7 @@ def test_long_override_lists_get_short_distinct_dirnames():
 @pytest.mark.parametrize("group,schema", [(g, s) for g, s, _ in SCHEMAS if g in GROUPS])
 def test_schema_choice_is_refused_with_the_real_options(compose_config, group, schema):
     from core.errors import ConfigError
-    from pipeline.choices import check_group_choices
+    from pipeline.config import check_group_choices
 
     cfg = compose_config(f"{group}={schema}", return_hydra_config=True)
     with pytest.raises(ConfigError) as info:
@@ -83,7 +83,7 @@ def test_schema_choice_is_refused_with_the_real_options(compose_config, group, s
 
 
 def test_real_choices_pass_the_choice_check(compose_config):
-    from pipeline.choices import check_group_choices
+    from pipeline.config import check_group_choices
 
     cfg = compose_config("editor=none", "model=tiny_gpt2", "experiment=demo", return_hydra_config=True)
     check_group_choices(dict(cfg.hydra.runtime.choices))  # editor_model=none_tiny_gpt2 is optional and absent: fine
