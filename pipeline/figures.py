@@ -8,7 +8,9 @@ one folder per model (``outputs/figures/<model>/``), atomically:
   facts, p_clean / p_corrupted, settings);
 - ``severed.{png,pdf}``: hidden-state AIE at the last corrupted token with nothing / MLP / attention
   severed, one panel per perspective;
-- ``table_editing.{md,csv}``: editor x edit perspective x side x metric, pre -> post with intervals.
+- ``table_editing.{md,csv}``: editor x edit perspective x side x metric, pre -> post with intervals;
+- ``editing.{png,pdf}``: per editor, edit perspective x evaluated side, pre -> post bars with
+  intervals and the relation side's strict top-1 (``metrics.plots``).
 
     python -m pipeline.figures trace --sweep-dir outputs/sweeps/<s> --perspective entity --out outputs/figures/<m>
     python -m pipeline.figures severed --sweep-dir outputs/sweeps/<s> --out outputs/figures/<m>
@@ -29,6 +31,7 @@ from matplotlib.figure import Figure
 
 from core.errors import ConfigError, DataError
 from core.io import atomic_write_json, atomic_write_text, load_tensors, read_json
+from metrics.plots import plot_editing
 from pipeline.jobs import finished_steps
 from tracing import severed_key
 from tracing.aggregate import RoleAIE
@@ -107,8 +110,12 @@ def write_table(sweep_dir: Path, out: Path) -> list[Path]:
         raise DataError("sweep_dir", str(sweep_dir), "holds no finished edit jobs", hint="run: make table-editing")
     metrics = [f"{side}.{metric}" for side in ("entity", "relation") for metric in ("reliability", "generality", "locality")]
     metrics += ["relation.top1"]
-    return [atomic_write_text(out / "table_editing.csv", frame.to_csv(index=False)),
-            atomic_write_text(out / "table_editing.md", markdown(frame, metrics))]
+    paths = [atomic_write_text(out / "table_editing.csv", frame.to_csv(index=False)),
+             atomic_write_text(out / "table_editing.md", markdown(frame, metrics))]
+    for model, rows in frame.groupby("model"):
+        stem = "editing" if frame["model"].nunique() == 1 else f"editing_{model}"
+        paths += save_figure(plot_editing(rows), out / stem)
+    return paths
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[Path]:

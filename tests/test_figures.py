@@ -85,6 +85,7 @@ def test_figure_commands_and_report(sweep, tmp_path):
     assert ((merged["aie"] - merged["aie_job"]).abs().fillna(0) < 1e-9).all()
     table = (out / "table_editing.md").read_text()
     assert "| rome | entity | entity | reliability |" in table and "99.93" in table
+    assert (out / "editing.png").stat().st_size > 0 and (out / "editing.pdf").stat().st_size > 0
 
     report_path = report.main(["--figures-dir", str(out), "--out", str(tmp_path / "reports" / "tiny_gpt2" / "report.md")])
     text = report_path.read_text()
@@ -99,3 +100,24 @@ def test_figure_commands_name_the_missing_job(tmp_path):
         figures.main(["trace", "--perspective", "entity", "--sweep-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
     with pytest.raises(DataError, match="table-editing"):
         figures.main(["table", "--sweep-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+
+
+def test_editing_figure_draws_each_editor_perspective_and_side(sweep):
+    from pipeline.stages.summarize import collect
+    from metrics.plots import plot_editing
+
+    frame = collect(sweep / "sweep")
+    fig = plot_editing(frame)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(fig.axes) == 8  # memit, rome: 2 x 2 panels each
+    assert sum("not run" in t for t in titles) == 4  # rome ran the entity edit only, memit the relation edit only
+    rome_entity = next(ax for ax in fig.axes if ax.get_title().startswith("entity edit -> entity side") and "not run" not in ax.get_title())
+    bars = [p.get_height() for p in rome_entity.patches]  # pre bars, then post bars: Rel., Gen., Loc.
+    expected = frame[(frame.editor == "rome") & (frame.perspective == "entity") & (frame.side == "entity")]
+    post = expected[expected.stage == "post"].set_index("metric")["mean"]
+    assert bars[3] == pytest.approx(100 * post["reliability"]) and bars[5] == pytest.approx(100 * post["locality"])
+    relation_side = [ax for ax in fig.axes if "-> relation side" in ax.get_title()]
+    assert all([t.get_text() for t in ax.get_xticklabels()][-1] == "top-1" for ax in relation_side)
+    with pytest.raises(ValueError, match="one model"):
+        plot_editing(pd.concat([frame, frame.assign(model="other")]))
+
