@@ -40,6 +40,18 @@ OFFLINE_SETTINGS: dict[str, Any] = {"mode": "offline", "disable_git": True, "dis
 OFFLINE_ENVIRON: dict[str, str] = {"WANDB_DISABLE_GIT": "true", "WANDB_ERROR_REPORTING": "false"}
 
 
+def job_environ(job_dir: Path) -> dict[str, str]:
+    """Where wandb keeps files outside the run dir, moved into ``<job_dir>/wandb``.
+
+    By default wandb stages every artifact file under ``~/.local/share/wandb/artifacts/staging``
+    (``WANDB_DATA_DIR``; an offline run's artifacts stay there until ``wandb sync``) and writes its
+    service log under ``~/.cache/wandb`` (``WANDB_CACHE_DIR``): a copied or synced job dir would
+    lose its artifacts. Both are set only while wandb starts and while an artifact is logged.
+    """
+    root = Path(job_dir).resolve() / "wandb"
+    return {"WANDB_DATA_DIR": str(root), "WANDB_CACHE_DIR": str(root / "cache")}
+
+
 @contextlib.contextmanager
 def scoped_environ(values: dict[str, str]) -> Iterator[None]:
     """Set environment variables for the duration of the block, then restore what was there."""
@@ -90,9 +102,10 @@ class WandbLogger:
         import wandb
 
         self._wandb = wandb
+        self._environ = job_environ(job_dir)
         offline = mode == "offline"
         settings = wandb.Settings(**BASE_SETTINGS, **(OFFLINE_SETTINGS if offline else {}))
-        with scoped_environ(OFFLINE_ENVIRON) if offline else contextlib.nullcontext():
+        with scoped_environ({**self._environ, **(OFFLINE_ENVIRON if offline else {})}):
             if offline:
                 # The global settings, which wandb's telemetry and its service follow, not just this run's.
                 wandb.setup(settings=settings)
@@ -134,10 +147,11 @@ class WandbLogger:
 
     def log_artifact(self, name: str, paths: list[Path], kind: str) -> None:
         def log_files() -> None:
-            artifact = self._wandb.Artifact(name=name, type=kind)
-            for path in paths:
-                artifact.add_file(str(path))
-            self.run.log_artifact(artifact)
+            with scoped_environ(self._environ):  # staged copies go to the job dir, not the home dir
+                artifact = self._wandb.Artifact(name=name, type=kind)
+                for path in paths:
+                    artifact.add_file(str(path))
+                self.run.log_artifact(artifact)
 
         self._safe("artifact", log_files)
 

@@ -146,3 +146,22 @@ def test_offline_logger_leaves_the_environment_as_it_was(tmp_path):
     logger.close()
     assert ours() == before
     assert logger.run.settings.disable_git and logger.run.settings.x_disable_machine_info
+
+
+def test_artifacts_and_wandb_logs_stay_in_the_job_dir(tmp_path, monkeypatch):
+    """A copied job dir carries its artifacts: wandb stages nothing under the home directory."""
+    from pipeline.loggers import WandbLogger
+
+    home = tmp_path / "home"
+    for name in ("HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.setenv(name, str(home if name == "HOME" else home / name.lower()))
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "results.json").write_text('{"a": 1}')
+    logger = WandbLogger(job_dir, "knowledge-localization", None, "offline", "g", "known", "artifacts", {})
+    logger.log_artifact("results", [job_dir / "results.json"], "results")
+    logger.close()
+    staged = [p for p in (job_dir / "wandb").rglob("*") if p.is_file() and p.read_bytes() == b'{"a": 1}']
+    assert staged, "the artifact's staged copy is in the job dir"
+    assert not [p for p in home.rglob("*") if p.is_file()], "nothing of wandb's under the home dir"
+
