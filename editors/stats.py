@@ -41,7 +41,10 @@ WIKITEXT2_FILES = ("wikitext-2-raw/wiki.test.raw", "wikitext-2/valid.txt")  # ~0
 def _hub_texts(corpus: str, n_samples: int) -> list[str]:
     try:
         from datasets import load_dataset
-
+    except ImportError as err:
+        raise DataError("stats.corpus", corpus, "streaming a hub corpus needs the `datasets` package",
+                        'pip install -e ".[corpora]", or use editor.stats.corpus=wikitext2 (bundled) or corpus=files') from err
+    try:
         if corpus == "wikipedia":
             stream = load_dataset("wikimedia/wikipedia", "20231101.en", split="train", streaming=True)
         else:

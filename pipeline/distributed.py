@@ -67,7 +67,7 @@ def map_sharded(task: ShardTask, items: Sequence[T], config: FabricConfig | None
 
         device = torch.device("cuda" if accelerator == "cuda" else "cpu")
         return list(task(list(items), device))
-    from lightning.fabric import Fabric
+    from lightning_fabric import Fabric
 
     fabric = Fabric(accelerator=accelerator, devices=config.devices, strategy=config.strategy)
     log.info("sharding %d items over %d %s ranks", len(items), config.devices, accelerator)

@@ -75,6 +75,17 @@ def test_bad_stats_config_names_the_key():
         StatsConfig(corpus="files").validate()
 
 
+def test_hub_corpus_without_datasets_names_the_extra(monkeypatch):
+    """``datasets`` is an extra (``.[corpora]``): without it a hub corpus is a named error, not an ImportError."""
+    import sys
+
+    from core.errors import DataError
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(DataError, match=r"stats.corpus.*\.\[corpora\]"):
+        corpus_texts(StatsConfig(corpus="wikitext103", n_samples=5))
+
+
 def test_context_templates_are_seeded_and_cached(tiny_gpt2, tmp_path):
     first = context_templates(tiny_gpt2, [[4, 3]], seed=3, cache_dir=tmp_path)
     assert first[0] == "{}" and len(first) == 4 and all(t.endswith(". {}") for t in first[1:])

@@ -149,7 +149,7 @@ def validate(loaded: LoadedModel, network: torch.nn.Module, layers: list[int], n
 
 def fabric_for(loaded: LoadedModel, precision: str):
     """A single-device Fabric on the model's device."""
-    from lightning.fabric import Fabric
+    from lightning_fabric import Fabric
 
     device = loaded.device
     if device.type == "cuda":
