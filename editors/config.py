@@ -188,15 +188,24 @@ class NetworkConfig:
 
     rank: int = 1920
     n_hidden: int = 1
-    edit_lr: float = 1e-4  # initial per-layer step size (learned)
+    # initial per-layer step size (learned). Ours subtracts it (W - lr * grad~: the paper's update, so
+    # an untrained network is gradient descent); the authors' code (kmeng01/rome baselines/mend) adds
+    # lr * grad~, so their trained edit_lrs are ours negated (tests/test_mend_fixtures.py our_network).
+    edit_lr: float = 1e-4
     shared: bool = True  # one MLP per layer shape, with per-layer scale/shift
-    norm: bool = True  # normalise u and delta by running statistics
+    # normalise u and delta by running statistics of the training factors. The editor uses the trained
+    # statistics (eval mode). The authors' MendRewriteExecutor leaves MEND in training mode after
+    # loading, so its first edit replaces them by that request's own token statistics and later edits
+    # accumulate (test_their_executor_is_training_mode_with_fresh_statistics). Deliberately not reproduced.
+    norm: bool = True
 
 
 @dataclass
 class MendConfig:
     name: str = "mend"
-    # edited MLP output projections (null: the checkpoint's); train_mend trains these
+    # edited MLP output projections (null: the checkpoint's); train_mend trains these. The authors'
+    # published MEND also edits the MLP input projections (c_fc / fc_in) of the same layers; ours
+    # edits the output projections only (deliberate: the matrices ROME and MEMIT edit).
     layers: Optional[list[int]] = None
     # a train_mend job dir / cache entry (or its mend.safetensors); null: newest cached one for the model
     checkpoint: Optional[str] = None

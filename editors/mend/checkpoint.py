@@ -23,7 +23,7 @@ from models.load import LoadedModel
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: the last layer clamps too, token-mean losses (the authors' network)
 WEIGHTS, META = "mend.safetensors", "mend.json"
 CACHE_KIND = "mend"
 

@@ -2,7 +2,8 @@
 
 ``gradient_factors`` runs the unedited model on teacher-forced (prompt, target) rows and returns,
 per edited layer, the out projection's input u (``blocks.{l}.mlp.hook_post``) and the gradient of
-the target NLL at its output delta (``blocks.{l}.hook_mlp_out``; the MLP's output is the
+the target NLL (averaged over all target tokens of the batch, as the authors' ``masked_log_probs``)
+at its output delta (``blocks.{l}.hook_mlp_out``; the MLP's output is the
 projection's output in eval mode) for every real token. ``edited_forward`` runs the model with
 W_l + Delta W_l substituted (``torch.func.functional_call``), so a training loss backpropagates
 into the hypernetwork, and the same deltas added in place give the same logits at edit time.
@@ -27,6 +28,15 @@ def projection_names(loaded: LoadedModel, layers: list[int]) -> dict[int, str]:
     return {layer: by_id[id(loaded.adapter.mlp_out_weight(loaded.model, layer))] for layer in layers}
 
 
+def token_mean_nll(logits: Tensor, batch: TargetBatch) -> Tensor:
+    """NLL averaged over every target token of the batch (rows weighted by their target length).
+
+    MEND's loss (the authors' ``masked_log_probs``): with several rows, a longer target weighs
+    more than in ``target_nll_rows(...).mean()``; with one row the two are the same."""
+    lengths = torch.tensor([len(t) for t in batch.target_ids], dtype=torch.float32, device=logits.device)
+    return (target_nll_rows(logits, batch) * lengths).sum() / lengths.sum()
+
+
 def gradient_factors(loaded: LoadedModel, batch: TargetBatch, layers: list[int]) -> tuple[dict[int, tuple[Tensor, Tensor]], float]:
     """``{layer: (u [token d_mlp], delta [token d_model])}`` of the mean target NLL, and that NLL."""
     inputs: dict[int, Tensor] = {}
@@ -46,7 +56,7 @@ def gradient_factors(loaded: LoadedModel, batch: TargetBatch, layers: list[int])
         fns[f"blocks.{layer}.hook_mlp_out"] = add_probe
     with torch.enable_grad(), Hooks(loaded.model, loaded.adapter, fns):
         logits = loaded.model(**batch.inputs()).logits  # [batch pos vocab]
-        loss = target_nll_rows(logits, batch).mean()
+        loss = token_mean_nll(logits, batch)
         grads = torch.autograd.grad(loss, [probes[layer] for layer in layers])
     real = batch.attention_mask.bool()  # [batch pos]
     factors = {}

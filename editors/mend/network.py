@@ -9,6 +9,11 @@ The MLP (one per distinct layer shape, shared by the layers of that shape) sees 
 concatenation [u, delta], normalised by running statistics of the training inputs; it is a stack
 of residual low-rank layers initialised to the identity (so an untrained MEND is plain gradient
 descent with step lr_l), with a per-layer scale and shift of each pre-activation ("modes").
+
+As the authors' code (kmeng01/rome ``baselines/mend``: ``GradientTransform`` with ``combine``,
+``IDMLP`` of ``LRLinear``; tests/test_mend_fixtures.py): every layer, the last included, is
+``x + relu(...)`` (their ``LRLinear`` ignores its ``relu`` flag), and the down projection starts as
+``randn``. The one deliberate difference is the sign of the step (see ``NetworkConfig.edit_lr``).
 """
 
 from __future__ import annotations
@@ -21,23 +26,21 @@ from editors.config import NetworkConfig
 
 
 class LowRankResidual(nn.Module):
-    """x + act((x V^T) U^T + b) with per-mode scale/shift of the pre-activation; U = 0 at init (identity)."""
+    """x + relu(((x V^T) U^T + b) * scale_mode + shift_mode); U = 0 at init (identity), V ~ N(0, 1)."""
 
-    def __init__(self, dim: int, rank: int, relu: bool, n_modes: int) -> None:
+    def __init__(self, dim: int, rank: int, n_modes: int) -> None:
         super().__init__()
         rank = min(rank, dim)
-        self.down = nn.Parameter(torch.empty(rank, dim))
-        nn.init.xavier_uniform_(self.down)
+        self.down = nn.Parameter(torch.randn(rank, dim))
         self.up = nn.Parameter(torch.zeros(dim, rank))
         self.bias = nn.Parameter(torch.zeros(dim))
         self.mode_scale = nn.Parameter(torch.ones(n_modes, dim))
         self.mode_shift = nn.Parameter(torch.zeros(n_modes, dim))
-        self.relu = relu
 
     def forward(self, x: Tensor, mode: int) -> Tensor:  # x: [token dim]
         pre = (x @ self.down.T) @ self.up.T + self.bias
         pre = pre * self.mode_scale[mode] + self.mode_shift[mode]
-        return x + (pre.clamp(min=0) if self.relu else pre)
+        return x + pre.clamp(min=0)  # clamp, not relu: the gradient at 0 is not 0 (theirs)
 
 
 class RunningNorm(nn.Module):
@@ -76,8 +79,8 @@ class GradientTransform(nn.Module):
         self.d_in, self.d_out, self.use_norm = d_in, d_out, config.norm
         dim = d_in + d_out
         self.norm_u, self.norm_delta = RunningNorm(d_in), RunningNorm(d_out)
-        self.layers = nn.ModuleList([LowRankResidual(dim, config.rank, relu=i < config.n_hidden, n_modes=n_modes)
-                                     for i in range(config.n_hidden + 1)])
+        self.layers = nn.ModuleList([LowRankResidual(dim, config.rank, n_modes)
+                                     for _ in range(config.n_hidden + 1)])
 
     def forward(self, u: Tensor, delta: Tensor, mode: int) -> tuple[Tensor, Tensor]:  # u: [token d_in], delta: [token d_out]
         u, delta = u.float(), delta.float()

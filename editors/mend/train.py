@@ -5,7 +5,8 @@ as MEND does:
 
 1. the gradient factors of the target NLL on the *edit* prompt (prompt -> o*), unedited model;
 2. Delta W = network(factors), applied functionally (the graph reaches the network);
-3. edit loss: the target NLL after the edit on the *equivalent* prompt (a paraphrase -> o*);
+3. edit loss: the target NLL after the edit on the *equivalent* prompt (a paraphrase -> o*),
+   averaged over the batch's target tokens as the inner loss (``factors.token_mean_nll``);
    locality loss: KL(p_before || p_after) over the tokens of an unrelated prompt (the case's
    neighbourhood prompt and its answer);
 4. loss = cedit * edit + cloc * locality; Adam on the network (``lr``) and on the per-layer step
@@ -34,9 +35,9 @@ from tqdm.auto import tqdm
 
 from core.errors import ConfigError, DataError
 from editors.config import MendTrainConfig, NetworkConfig
-from editors.ft import target_batch, target_nll_rows
+from editors.ft import target_batch
 from editors.mend.checkpoint import layer_shapes
-from editors.mend.factors import edited_forward, gradient_factors, projection_names
+from editors.mend.factors import edited_forward, gradient_factors, projection_names, token_mean_nll
 from editors.mend.network import MendNetwork
 from models.load import LoadedModel
 
@@ -106,7 +107,6 @@ def edit_losses(loaded: LoadedModel, network: torch.nn.Module, layers: list[int]
     updates = network(factors)
     outer = target_batch(loaded, [e.equivalent_prompt for e in examples], [e.target for e in examples])
     post_outer = edited_forward(loaded, names, updates, outer.inputs()).logits
-    edit_rows = target_nll_rows(post_outer, outer)
     local = target_batch(loaded, [e.locality_prompt for e in examples], [e.locality_target for e in examples])
     with torch.no_grad():
         base_local = loaded.model(**local.inputs()).logits
@@ -115,7 +115,7 @@ def edit_losses(loaded: LoadedModel, network: torch.nn.Module, layers: list[int]
     with torch.no_grad():
         picked = post_outer[outer.token_rows, outer.token_cols].argmax(-1) == outer.token_ids
         hits = torch.zeros(outer.n_rows, device=picked.device).index_add(0, outer.token_rows, (~picked).float()) == 0
-    return {"edit": edit_rows.mean(), "locality": locality, "inner": torch.tensor(inner_loss),
+    return {"edit": token_mean_nll(post_outer, outer), "locality": locality, "inner": torch.tensor(inner_loss),
             "edit_accuracy": hits.float().mean()}
 
 
