@@ -125,6 +125,11 @@ class MemitConfig(LocateEditConfig):
 
 
 REWRITE_CHOICES = ("main", "all")
+# Where a target's tokens are predicted. teacher_forced: token j after prompt + target[:j] (as the
+# evaluation scores it). prompt_last: every target token from the prompt's last position, one
+# bag of tokens (ROME's / RaKE's ft_main and knowledge-neurons; tests/fixtures/{ft,kn}/README.md).
+# The same for one-token targets.
+TARGET_POSITIONS = ("teacher_forced", "prompt_last")
 
 
 # ------------------------------------------------------------------------------------------ FT
@@ -141,10 +146,17 @@ class FtConfig:
     norm_constraint: Optional[float] = 5e-4
     early_stop_loss: float = 1e-2
     rewrites: str = "main"
+    # teacher_forced (ours) or prompt_last (the authors' ft_main: all target tokens read at the
+    # prompt's last position); see TARGET_POSITIONS and tests/fixtures/ft/README.md
+    target_positions: str = "teacher_forced"
+    # also train the projection's bias: the authors' ft_main picks parameters by module-name
+    # substring, so GPT-2's c_proj.bias is trained with the weight; no bias (Llama): no effect
+    train_bias: bool = False
 
     def validate(self, n_layers: int) -> None:
         check_layers("editor.layers", self.layers, n_layers)
         check_choice("editor.rewrites", self.rewrites, REWRITE_CHOICES)
+        check_choice("editor.target_positions", self.target_positions, TARGET_POSITIONS)
         if self.num_steps < 1 or self.lr <= 0 or self.weight_decay < 0:
             raise ConfigError("editor", self.name, "num_steps >= 1, lr > 0 and weight_decay >= 0 are required", "")
         if self.norm_constraint is not None and self.norm_constraint <= 0:
