@@ -164,6 +164,10 @@ class FtConfig:
 
 
 OLD_TARGETS = ("request", "prediction")
+KN_ACTIVATIONS = ("post", "pre")
+IG_POINTS = ("midpoint", "linspace")
+TARGET_SPACES = ("spaced", "bare")
+KN_EDIT_RULES = ("symmetric", "authors")
 
 
 @dataclass
@@ -180,11 +184,32 @@ class KnConfig:
     context_template_lengths: list[list[int]] = field(default_factory=lambda: [[10, 4]])
     context_prompts: list[str] = field(default_factory=list)
     context_seed: int = 0
+    # The authors' knowledge-neurons (ROME/RaKE baselines/kn) differ in five ways, each an option
+    # here (tests/fixtures/kn/README.md; their runs: all five non-default, n_prompts=1):
+    # post: attribute mlp.hook_post (the neuron's activation); pre: the output of the MLP's first
+    # linear (GPT-2 c_fc before GELU, as their patch; Llama up_proj, numerically the same as post)
+    activation: str = "post"
+    # midpoint: alpha = (k + 1/2) / steps; linspace: alpha = linspace(0, 1, steps), both ends (theirs)
+    ig_points: str = "midpoint"
+    # teacher_forced or prompt_last: every old-target token attributed at the prompt's last position
+    # (theirs: the retokenisation they meant is skipped for model_type "gpt2"); see TARGET_POSITIONS
+    target_positions: str = "teacher_forced"
+    # spaced: targets tokenized as " " + target (as evaluated); bare: without the space (theirs)
+    target_space: str = "spaced"
+    # symmetric: edit_scale x (mean new - mean old unembedding); authors: + each new-target token's
+    # embedding once, - edit_scale x the unedited model's greedy next token's (knowledge-neurons'
+    # modify_weights "edit" on GPT-2)
+    edit_rule: str = "symmetric"
 
     def validate(self, n_layers: int) -> None:
         if self.layers is not None:
             check_layers("editor.layers", self.layers, n_layers, hint="use null for all layers")
         check_choice("editor.old_target", self.old_target, OLD_TARGETS)
+        check_choice("editor.activation", self.activation, KN_ACTIVATIONS)
+        check_choice("editor.ig_points", self.ig_points, IG_POINTS)
+        check_choice("editor.target_positions", self.target_positions, TARGET_POSITIONS)
+        check_choice("editor.target_space", self.target_space, TARGET_SPACES)
+        check_choice("editor.edit_rule", self.edit_rule, KN_EDIT_RULES)
         if self.steps < 1 or self.n_prompts < 1 or self.max_rows < 1:
             raise ConfigError("editor", self.name, "steps, n_prompts and max_rows must be >= 1", "")
         if not 0 <= self.adaptive_threshold < 1 or not 0 <= self.share_threshold < 1:
