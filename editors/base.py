@@ -70,9 +70,7 @@ class Editor(ABC):
         """Edit ``loaded.model`` in place; use the result as a context manager to restore it."""
         requests = check_requests(requests)
         self.config.validate(loaded.adapter.n_layers)
-        names = WeightDeltas.for_mlp_out(loaded.model, loaded.adapter, {
-            layer: loaded.adapter.mlp_out_matrix(loaded.model, layer) for layer in self.config.layers}).names()
-        originals = snapshot(loaded.model, names)
+        originals = snapshot(loaded.model, self.edited_names(loaded))
         started = time.time()
         try:
             deltas, infos = self.compute(loaded, requests)
@@ -82,6 +80,11 @@ class Editor(ABC):
             restore(loaded.model, originals)
             raise
         return EditResult(loaded.model, deltas, originals, infos, time.time() - started)
+
+    def edited_names(self, loaded: LoadedModel) -> list[str]:
+        """The parameters ``compute`` may change (snapshotted by ``apply``): the layers' MLP out weights."""
+        return WeightDeltas.for_mlp_out(loaded.model, loaded.adapter, {
+            layer: loaded.adapter.mlp_out_matrix(loaded.model, layer) for layer in self.config.layers}).names()
 
     def apply_read_only(self, loaded: LoadedModel, requests: Sequence[EditRequest]) -> EditResult:
         """``apply`` for editors whose ``compute`` only reads the weights (KN, MEND).

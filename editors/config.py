@@ -125,6 +125,11 @@ class MemitConfig(LocateEditConfig):
 
 
 REWRITE_CHOICES = ("main", "all")
+# Where a target's tokens are predicted. teacher_forced: token j after prompt + target[:j] (as the
+# evaluation scores it). prompt_last: every target token from the prompt's last position, one
+# bag of tokens (ROME's / RaKE's ft_main and knowledge-neurons; tests/fixtures/{ft,kn}/README.md).
+# The same for one-token targets.
+TARGET_POSITIONS = ("teacher_forced", "prompt_last")
 
 
 # ------------------------------------------------------------------------------------------ FT
@@ -141,10 +146,17 @@ class FtConfig:
     norm_constraint: Optional[float] = 5e-4
     early_stop_loss: float = 1e-2
     rewrites: str = "main"
+    # teacher_forced (ours) or prompt_last (the authors' ft_main: all target tokens read at the
+    # prompt's last position); see TARGET_POSITIONS and tests/fixtures/ft/README.md
+    target_positions: str = "teacher_forced"
+    # also train the projection's bias: the authors' ft_main picks parameters by module-name
+    # substring, so GPT-2's c_proj.bias is trained with the weight; no bias (Llama): no effect
+    train_bias: bool = False
 
     def validate(self, n_layers: int) -> None:
         check_layers("editor.layers", self.layers, n_layers)
         check_choice("editor.rewrites", self.rewrites, REWRITE_CHOICES)
+        check_choice("editor.target_positions", self.target_positions, TARGET_POSITIONS)
         if self.num_steps < 1 or self.lr <= 0 or self.weight_decay < 0:
             raise ConfigError("editor", self.name, "num_steps >= 1, lr > 0 and weight_decay >= 0 are required", "")
         if self.norm_constraint is not None and self.norm_constraint <= 0:
@@ -152,6 +164,10 @@ class FtConfig:
 
 
 OLD_TARGETS = ("request", "prediction")
+KN_ACTIVATIONS = ("post", "pre")
+IG_POINTS = ("midpoint", "linspace")
+TARGET_SPACES = ("spaced", "bare")
+KN_EDIT_RULES = ("symmetric", "authors")
 
 
 @dataclass
@@ -168,11 +184,32 @@ class KnConfig:
     context_template_lengths: list[list[int]] = field(default_factory=lambda: [[10, 4]])
     context_prompts: list[str] = field(default_factory=list)
     context_seed: int = 0
+    # The authors' knowledge-neurons (ROME/RaKE baselines/kn) differ in five ways, each an option
+    # here (tests/fixtures/kn/README.md; their runs: all five non-default, n_prompts=1):
+    # post: attribute mlp.hook_post (the neuron's activation); pre: the output of the MLP's first
+    # linear (GPT-2 c_fc before GELU, as their patch; Llama up_proj, numerically the same as post)
+    activation: str = "post"
+    # midpoint: alpha = (k + 1/2) / steps; linspace: alpha = linspace(0, 1, steps), both ends (theirs)
+    ig_points: str = "midpoint"
+    # teacher_forced or prompt_last: every old-target token attributed at the prompt's last position
+    # (theirs: the retokenisation they meant is skipped for model_type "gpt2"); see TARGET_POSITIONS
+    target_positions: str = "teacher_forced"
+    # spaced: targets tokenized as " " + target (as evaluated); bare: without the space (theirs)
+    target_space: str = "spaced"
+    # symmetric: edit_scale x (mean new - mean old unembedding); authors: + each new-target token's
+    # embedding once, - edit_scale x the unedited model's greedy next token's (knowledge-neurons'
+    # modify_weights "edit" on GPT-2)
+    edit_rule: str = "symmetric"
 
     def validate(self, n_layers: int) -> None:
         if self.layers is not None:
             check_layers("editor.layers", self.layers, n_layers, hint="use null for all layers")
         check_choice("editor.old_target", self.old_target, OLD_TARGETS)
+        check_choice("editor.activation", self.activation, KN_ACTIVATIONS)
+        check_choice("editor.ig_points", self.ig_points, IG_POINTS)
+        check_choice("editor.target_positions", self.target_positions, TARGET_POSITIONS)
+        check_choice("editor.target_space", self.target_space, TARGET_SPACES)
+        check_choice("editor.edit_rule", self.edit_rule, KN_EDIT_RULES)
         if self.steps < 1 or self.n_prompts < 1 or self.max_rows < 1:
             raise ConfigError("editor", self.name, "steps, n_prompts and max_rows must be >= 1", "")
         if not 0 <= self.adaptive_threshold < 1 or not 0 <= self.share_threshold < 1:

@@ -2,7 +2,9 @@
 
 The rewritten weights W (``editor.layers``, the paper's layer 0 for GPT-2 XL) are trained to
 minimise the mean per-token NLL of ``" " + target`` after each rewrite prompt (teacher forced,
-tokenized exactly as ``models.scoring`` scores it), and after every Adam step they are clamped
+tokenized exactly as ``models.scoring`` scores it; ``target_positions: prompt_last`` reads every
+target token at the prompt's last position and ``train_bias`` adds the projection's bias, as the
+authors' ft_main does: tests/fixtures/ft/README.md), and after every Adam step they are clamped
 to ``W0 - eps <= W <= W0 + eps`` (``norm_constraint`` eps; Zhu et al. 2020, ROME's FT-L). The
 loop stops as soon as the loss is below ``early_stop_loss`` (the target is reached: mean p > 0.99
 at 0.01). Relation requests carry the add prompt and the removal prompt; ``rewrites: main``
@@ -55,17 +57,21 @@ class TargetBatch:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
 
-def target_batch(loaded: LoadedModel, prompts: Sequence[str], targets: Sequence[str]) -> TargetBatch:
-    """Tokenize prompts and ``" " + target`` separately (as the evaluation scores them) and join them."""
+def target_batch(loaded: LoadedModel, prompts: Sequence[str], targets: Sequence[str], prompt_last: bool = False) -> TargetBatch:
+    """Tokenize prompts and ``" " + target`` separately (as the evaluation scores them) and join them.
+
+    ``prompt_last``: the rows are the prompts alone and every target token is read at the prompt's
+    last position (the authors' ft_main; see ``FtConfig.target_positions``).
+    """
     prompt_ids, target_ids = encode_prompts(loaded, list(prompts)), encode_targets(loaded, list(targets))
-    rows = [p + t[:-1] for p, t in zip(prompt_ids, target_ids)]
+    rows = [p if prompt_last else p + t[:-1] for p, t in zip(prompt_ids, target_ids)]
     width = max(map(len, rows))
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     token_rows, token_cols, token_ids, weights = [], [], [], []
     for row, (p, t) in enumerate(zip(prompt_ids, target_ids)):
         for j, token in enumerate(t):
             token_rows.append(row)
-            token_cols.append(len(p) - 1 + j)
+            token_cols.append(len(p) - 1 + (0 if prompt_last else j))
             token_ids.append(token)
             weights.append(1.0 / len(t))
     device = loaded.device
@@ -139,13 +145,23 @@ class Ft(Editor):
     name = "ft"
     config: FtConfig
 
-    def compute(self, loaded: LoadedModel, requests: list[EditRequest]) -> tuple[WeightDeltas, list[dict[str, Any]]]:
+    def edited_names(self, loaded: LoadedModel) -> list[str]:
+        """The projections' weights, and their biases with ``train_bias`` (where they have one)."""
         model, adapter = loaded.model, loaded.adapter
         by_id = {id(p): n for n, p in model.named_parameters()}
         names = [by_id[id(adapter.mlp_out_weight(model, layer))] for layer in sorted(self.config.layers)]
+        if self.config.train_bias:
+            biases = [adapter.module(model, "mlp_out", layer).bias for layer in sorted(self.config.layers)]
+            names += [by_id[id(bias)] for bias in biases if bias is not None]
+        return names
+
+    def compute(self, loaded: LoadedModel, requests: list[EditRequest]) -> tuple[WeightDeltas, list[dict[str, Any]]]:
+        model = loaded.model
+        names = self.edited_names(loaded)
         before = {name: p.detach().clone() for name, p in parameters(model, names).items()}
         prompts, targets = rewrite_pairs(requests, self.config.rewrites)
-        losses = fine_tune(loaded, names, target_batch(loaded, prompts, targets), self.config)
+        batch = target_batch(loaded, prompts, targets, prompt_last=self.config.target_positions == "prompt_last")
+        losses = fine_tune(loaded, names, batch, self.config)
         after = parameters(model, names)
         deltas = WeightDeltas({name: (after[name].detach() - before[name]) for name in names})
         info = {"steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1],

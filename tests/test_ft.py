@@ -60,3 +60,22 @@ def test_ft_config_errors(tiny_gpt2):
         build_editor(FtConfig(layers=[9])).apply(tiny_gpt2, [REQUEST])
     with pytest.raises(ConfigError, match="editor.rewrites"):
         build_editor(FtConfig(rewrites="some")).apply(tiny_gpt2, [REQUEST])
+
+
+def test_ft_train_bias_restores_bias(tiny_gpt2):
+    """train_bias: the bias is trained, in the deltas, and restored bit-for-bit with the weight."""
+    before = _weights(tiny_gpt2)
+    config = FtConfig(layers=[1], num_steps=3, lr=1e-2, norm_constraint=1e-3, early_stop_loss=0.0, train_bias=True)
+    with build_editor(config).apply(tiny_gpt2, [REQUEST]) as result:
+        after = _weights(tiny_gpt2)
+        assert sorted(result.deltas.deltas) == ["transformer.h.1.mlp.c_proj.bias", "transformer.h.1.mlp.c_proj.weight"]
+        for name, delta in result.deltas.deltas.items():
+            assert torch.equal(after[name], before[name] + delta)
+    assert all(torch.equal(before[n], p) for n, p in tiny_gpt2.model.named_parameters())
+
+
+def test_ft_prompt_last_reads_every_target_token_at_the_prompt(tiny_gpt2):
+    """target_positions=prompt_last: the rows are the prompts, each target token read at the last one."""
+    batch = target_batch(tiny_gpt2, ["The capital of France is", "Hi"], ["San Francisco Bay", "x"], prompt_last=True)
+    assert batch.token_cols.tolist() == [batch.prompt_lengths[0] - 1] * 3 + [batch.prompt_lengths[1] - 1]
+    assert batch.input_ids.shape[1] == max(batch.prompt_lengths)

@@ -21,8 +21,24 @@ def test_hook_names_resolve_with_right_shapes(tiny_model):
     _, cache = run_with_cache(tiny_model.model, adapter, adapter.hook_names(), **inputs)
     assert set(cache) == set(adapter.hook_names())
     for name, tensor in cache.items():
-        width = adapter.d_mlp if name.endswith("mlp.hook_post") else adapter.d_model
+        width = adapter.d_mlp if name.endswith(("mlp.hook_post", "mlp.hook_pre")) else adapter.d_model
         assert tensor.shape == (1, n_pos, width), name
+
+
+def test_hook_pre_feeds_hook_post(tiny_model):
+    """mlp.hook_pre is the first linear's output: GPT-2/GPT-J apply the activation to it; Llama's
+    up_proj output times act(gate) is hook_post (so scaling one scales the other)."""
+    adapter, model = tiny_model.adapter, tiny_model.model
+    mlp, seen = adapter.module(model, "mlp", 1), {}
+    handle = mlp.register_forward_hook(lambda module, args, output: seen.update(x=args[0].detach()))
+    try:
+        _, cache = run_with_cache(model, adapter, ["blocks.1.mlp.hook_pre", "blocks.1.mlp.hook_post"], **_encode(tiny_model))
+    finally:
+        handle.remove()
+    pre, post = cache["blocks.1.mlp.hook_pre"], cache["blocks.1.mlp.hook_post"]
+    with torch.no_grad():
+        expected = mlp.act_fn(mlp.gate_proj(seen["x"])) * pre if hasattr(mlp, "gate_proj") else mlp.act(pre)
+    torch.testing.assert_close(post, expected, atol=1e-6, rtol=1e-5)
 
 
 def test_residual_stream_adds_up(tiny_model):

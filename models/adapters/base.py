@@ -16,6 +16,9 @@ name                           activation                                      s
 ``blocks.{l}.hook_attn_out``   attention output (added to the residual)        [batch pos d_model]
 ``blocks.{l}.hook_mlp_out``    MLP output (added to the residual)              [batch pos d_model]
 ``blocks.{l}.mlp.hook_post``   MLP hidden activation = input of the out proj   [batch pos d_mlp]
+``blocks.{l}.mlp.hook_pre``    output of the MLP's first linear (``mlp_in``:   [batch pos d_mlp]
+                               GPT-2 c_fc / GPT-J fc_in before the activation;
+                               Llama up_proj, which scales hook_post linearly)
 ``hook_final_norm``            output of the final layer norm                  [batch pos d_model]
 =============================  ==============================================  ==================
 """
@@ -32,7 +35,7 @@ from core.errors import ModelError
 
 WeightLayout = Literal["linear", "conv1d"]
 
-_BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|mlp\.hook_post)$")
+_BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|mlp\.hook_post|mlp\.hook_pre)$")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class ArchitectureAdapter:
     block: str
     attn: str
     mlp: str
+    mlp_in: str  # the MLP's first linear (knowledge-neurons patches its output)
     mlp_out: str
     final_norm: str
     unembed: str
@@ -76,6 +80,7 @@ class ArchitectureAdapter:
             "hook_attn_out": HookPoint(self.attn.format(layer=layer), "output"),
             "hook_mlp_out": HookPoint(self.mlp.format(layer=layer), "output"),
             "mlp.hook_post": HookPoint(self.mlp_out.format(layer=layer), "input"),
+            "mlp.hook_pre": HookPoint(self.mlp_in.format(layer=layer), "output"),
         }
         return table[kind]
 
@@ -88,6 +93,7 @@ class ArchitectureAdapter:
                 f"blocks.{layer}.hook_mlp_out",
                 f"blocks.{layer}.hook_resid_post",
                 f"blocks.{layer}.mlp.hook_post",
+                f"blocks.{layer}.mlp.hook_pre",
             ]
         return names + ["hook_final_norm"]
 

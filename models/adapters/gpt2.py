@@ -15,6 +15,7 @@ def gpt2_adapter(config) -> ArchitectureAdapter:
         block="transformer.h.{layer}",
         attn="transformer.h.{layer}.attn",
         mlp="transformer.h.{layer}.mlp",
+        mlp_in="transformer.h.{layer}.mlp.c_fc",
         mlp_out="transformer.h.{layer}.mlp.c_proj",
         final_norm="transformer.ln_f",
         unembed="lm_head",

@@ -15,6 +15,7 @@ def gptj_adapter(config) -> ArchitectureAdapter:
         block="transformer.h.{layer}",
         attn="transformer.h.{layer}.attn",
         mlp="transformer.h.{layer}.mlp",
+        mlp_in="transformer.h.{layer}.mlp.fc_in",
         mlp_out="transformer.h.{layer}.mlp.fc_out",
         final_norm="transformer.ln_f",
         unembed="lm_head",

@@ -15,6 +15,7 @@ def llama_adapter(config) -> ArchitectureAdapter:
         block="model.layers.{layer}",
         attn="model.layers.{layer}.self_attn",
         mlp="model.layers.{layer}.mlp",
+        mlp_in="model.layers.{layer}.mlp.up_proj",
         mlp_out="model.layers.{layer}.mlp.down_proj",
         final_norm="model.norm",
         unembed="lm_head",
