@@ -71,6 +71,9 @@ class LocateEditConfig:
     # RaKE's compute_v_rel (tests/test_rome_fixtures.py test_relation_*; their MEMIT compute_z reads
     # the same): tok("None") without the leading space, and its rows divided by the relation
     # phrase's token count. Entity edits: no effect. The paper models' editor_model files use authors.
+    # MEMIT with authors also takes RaKE's removal contexts: compute_z_rel's context_templates[:5]
+    # slices MEMIT's template *groups*, i.e. every template ("{}" + the 5 generated); spaced keeps
+    # five templates as in ROME (tests/test_memit_fixtures.py test_relation_z_and_deltas).
     relation_removal: str = "spaced"
     # context templates: [length, count] pairs; generation starts at these prompts ([] = start-of-text)
     context_template_lengths: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
@@ -112,8 +115,12 @@ class RomeConfig(LocateEditConfig):
 @dataclass
 class MemitConfig(LocateEditConfig):
     name: str = "memit"
-    clamp_norm_factor: float = 0.75
+    clamp_norm_factor: float = 0.75  # |z - z_init| <= this x |z_init|, z_init the residual at the last layer
+    # lambda in (lambda C + K^T K)^-1 with C = E[k k^T] the per-token mean, as kmeng01/memit's layer_stats
+    # (they round C to float32 before the float64 solve; ours stays float64: tests/fixtures/memit/README.md)
     mom2_update_weight: float = 20000.0
+    # the key averages per run of templates ("{}", then each [length, count]) and then over runs,
+    # as the authors' compute_ks (the paper writes a flat mean); z's rows use every template once
     context_template_lengths: list[list[int]] = field(default_factory=lambda: [[10, 5]])
     context_prompts: list[str] = field(default_factory=lambda: ["The", "Therefore", "Because", "I", "You"])
     value_batch_size: int = 16  # requests whose z are optimised together (independent rows)

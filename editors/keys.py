@@ -3,6 +3,7 @@
 Prompts are built as ``context.replace("{}", template)`` with the subject filled in, tokenized
 once with char offsets, so the lookup token (the last subject token, or the prompt's last token)
 is found from the subject's char span, never by re-tokenizing pieces.
+The average over contexts is flat (ROME) or per group of contexts (MEMIT; ``request_keys``).
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
-from core.errors import DataError
+from core.errors import ConfigError, DataError
 from editors.requests import EditRequest, Lookup
 from models.hooks import Hooks
 from models.load import LoadedModel
@@ -76,8 +78,24 @@ def keys_at(loaded: LoadedModel, prompts: Sequence[EncodedPrompt], layers: Seque
 
 
 def request_keys(loaded: LoadedModel, requests: Sequence[EditRequest], contexts: Sequence[str], layers: Sequence[int],
-                 batch_size: int = 64) -> dict[int, Tensor]:
-    """``{layer: [request d_mlp]}``: each request's key prompt averaged over the context templates."""
+                 batch_size: int = 64, groups: Sequence[int] | None = None) -> dict[int, Tensor]:
+    """``{layer: [request d_mlp]}``: each request's key prompt averaged over the context templates.
+
+    ``groups`` (sizes of consecutive runs of ``contexts``, summing to their number): the mean over
+    groups of each group's mean, as MEMIT's compute_ks averages per context type (so ``"{}"``,
+    a group of its own, weighs as much as all generated templates together); None: the flat mean
+    (ROME's compute_u).
+    """
+    if groups is not None and (sum(groups) != len(contexts) or min(groups) < 1):
+        raise ConfigError("context_groups", list(groups), f"sizes >= 1 summing to the {len(contexts)} context templates",
+                          "groups follow context_template_lengths: [1] + the counts")
     prompts = [encode_prompt(loaded.tokenizer, c, r.key_template, r.subject, r.lookup) for r in requests for c in contexts]
     keys = keys_at(loaded, prompts, layers, batch_size)
-    return {layer: k.reshape(len(requests), len(contexts), -1).mean(1) for layer, k in keys.items()}
+    out = {}
+    for layer, k in keys.items():
+        k = rearrange(k, "(request context) d -> request context d", context=len(contexts))
+        if groups is None:
+            out[layer] = k.mean(1)
+        else:
+            out[layer] = torch.stack([part.mean(1) for part in k.split(list(groups), dim=1)], dim=1).mean(1)
+    return out

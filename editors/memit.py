@@ -8,14 +8,24 @@ remaining residual at L, the update takes an equal share of R::
     Delta_l = argmin  lambda * tr(Delta C Delta^T) + ||Delta K^T - R^T / (layers left)||^2
             = (R / left)^T K (lambda C + K^T K)^-1          (float64; lambda = mom2_update_weight)
 
+The key of a request at layer l is its key prompt's MLP key averaged as the authors' compute_ks
+does: per group of context templates (``"{}"``, then each ``(length, count)`` run), then over the
+groups -- so the bare prompt weighs 1/2 with MEMIT's ``[[10, 5]]`` (the paper writes a flat mean).
+
 Requests sharing a subject share their key (it is computed once); their targets then compete in
 the least squares, and a warning says so when their targets differ.
+
+Relation edits with ``relation_removal=authors`` also take RaKE's removal contexts: their
+compute_z_rel slices MEMIT's nested templates (``context_templates[:5]``), i.e. five *groups*,
+which is every template when there are at most five groups (ROME's flat list gives five templates).
+tests/test_memit_fixtures.py checks all of this against kmeng01/memit and RaKE's baselines/memit.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import replace
+from typing import Any, Sequence
 
 import torch
 from einops import einsum
@@ -28,6 +38,7 @@ from editors.deltas import WeightDeltas, add_in_place
 from editors.keys import activations_at, encode_prompt, request_keys
 from editors.requests import EditRequest
 from editors.stats import second_moments
+from editors.templates import template_groups
 from editors.values import optimize_values
 from models.load import LoadedModel
 
@@ -62,10 +73,24 @@ def unique_keys(requests: list[EditRequest]) -> tuple[list[EditRequest], list[in
     return representatives, index
 
 
+def authors_removal_contexts(requests: Sequence[EditRequest], groups: Sequence[int]) -> list[EditRequest]:
+    """Removal rewrites read ``n_contexts`` as a number of context groups (RaKE's compute_z_rel slice)."""
+    def widen(rewrite):
+        if not rewrite.removal or rewrite.n_contexts is None:
+            return rewrite
+        return replace(rewrite, n_contexts=sum(groups[:rewrite.n_contexts]))
+
+    return [replace(request, rewrites=tuple(widen(rewrite) for rewrite in request.rewrites)) for request in requests]
+
+
 class Memit(Editor):
     name = "memit"
     config: MemitConfig
     default_edit_batch_size = 100
+
+    def moments(self, loaded: LoadedModel, layers: list[int]) -> dict[int, Tensor]:
+        """E[k k^T] of each layer's keys (float64, per-token mean; cached on disk under ``cache_dir``)."""
+        return second_moments(loaded, layers, self.config.stats, self.cache_dir, self.data_dir)
 
     def compute(self, loaded: LoadedModel, requests: list[EditRequest]) -> tuple[WeightDeltas, list[dict[str, Any]]]:
         config = self.config
@@ -73,8 +98,10 @@ class Memit(Editor):
         last = layers[-1]
         z_hook = f"blocks.{last}.hook_resid_post"
         contexts = self.contexts(loaded)
-        moments = second_moments(loaded, layers, config.stats, self.cache_dir, self.data_dir)
-        batches = [requests[i:i + config.value_batch_size] for i in range(0, len(requests), config.value_batch_size)]
+        groups = template_groups(config.context_template_lengths)
+        moments = self.moments(loaded, layers)
+        z_requests = authors_removal_contexts(requests, groups) if config.relation_removal == "authors" else requests
+        batches = [z_requests[i:i + config.value_batch_size] for i in range(0, len(requests), config.value_batch_size)]
         values = [v for batch in tqdm(batches, desc="memit z", disable=len(batches) < 2)
                   for v in optimize_values(loaded, batch, contexts, z_hook, config.value_settings())]
         targets = torch.stack([v.target for v in values])  # [request d_model]
@@ -83,7 +110,7 @@ class Memit(Editor):
         total = WeightDeltas()
         norms = {}
         for position, layer in enumerate(layers):
-            keys = request_keys(loaded, representatives, contexts, [layer])[layer][index]  # [request d_mlp]
+            keys = request_keys(loaded, representatives, contexts, [layer], groups=groups)[layer][index]  # [request d_mlp]
             current = _read(loaded, bare, z_hook)  # [request d_model]
             residual = (targets - current) / (len(layers) - position)
             update = least_squares_update(keys, residual, moments[layer], config.mom2_update_weight)

@@ -58,6 +58,12 @@ def context_templates(
     return entry.load_or_compute(lambda e: _checked_templates(e.read("templates.json")), compute)
 
 
+def template_groups(lengths: Sequence[Sequence[int]]) -> list[int]:
+    """Sizes of the runs ``context_templates`` returns: ``"{}"`` alone, then ``count`` per ``(length, count)``
+    (empty runs left out). MEMIT's key averages per run (``keys.request_keys``)."""
+    return [1] + [int(count) for _, count in lengths if int(count) > 0]
+
+
 def _checked_templates(templates) -> list[str]:
     if not isinstance(templates, list) or not all(isinstance(t, str) and "{}" in t for t in templates):
         raise ValueError("expected a list of templates, each with '{}'")

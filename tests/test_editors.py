@@ -8,11 +8,13 @@ import dataclasses
 import pytest
 import torch
 
+from core.errors import ConfigError
 from editors import EditRequest, Rewrite, WeightDeltas, applied, build_editor, entity_request, relation_request
 from editors.config import MemitConfig, RomeConfig, StatsConfig, ValueSettings
 from editors.deltas import snapshot
 from editors.keys import encode_prompt, keys_at, request_keys
-from editors.memit import least_squares_update, unique_keys
+from editors.memit import authors_removal_contexts, least_squares_update, unique_keys
+from editors.templates import template_groups
 from editors.reference import optimize_value_reference
 from editors.rome import rank_one_update
 from editors.values import optimize_values, rewrite_targets
@@ -278,6 +280,37 @@ def test_keys_average_over_contexts(tiny_llama_model):
                                       for c in CONTEXTS], [layer])[layer].mean(0) for layer in (0, 2)}
     for layer in (0, 2):
         torch.testing.assert_close(averaged[layer][0], single[layer])
+
+
+def test_keys_average_per_context_group(tiny_llama_model):
+    """MEMIT's compute_ks: mean of each group's mean ("{}" alone, then the generated run); bad groups are refused."""
+    loaded = tiny_llama_model
+    request = mother_tongue()
+    single = keys_at(loaded, [encode_prompt(loaded.tokenizer, c, request.key_template, request.subject) for c in CONTEXTS], [1])[1]
+    grouped = request_keys(loaded, [request], CONTEXTS, [1], groups=template_groups([[4, 2]]))[1][0]
+    torch.testing.assert_close(grouped, (single[0] + single[1:].mean(0)) / 2)
+    for bad in ([1, 1], [0, 3], [1, 3]):
+        with pytest.raises(ConfigError, match="context_groups"):
+            request_keys(loaded, [request], CONTEXTS, [1], groups=bad)
+
+
+def test_template_groups_and_authors_removal_contexts():
+    assert template_groups([[10, 5]]) == [1, 5]
+    assert template_groups([[5, 10], [10, 0], [10, 10]]) == [1, 10, 10]
+    relation = relation_request(_relation_fields())
+    entity = mother_tongue()
+    widened = authors_removal_contexts([relation, entity], [1, 5])  # RaKE's [:5] over MEMIT's two groups: all six
+    assert [r.n_contexts for r in widened[0].rewrites] == [None, 6]
+    assert widened[1] == entity
+    assert [r.n_contexts for r in authors_removal_contexts([relation], [1, 1, 1, 1, 1, 1, 1])[0].rewrites] == [None, 5]
+
+
+def _relation_fields():
+    from types import SimpleNamespace
+
+    return SimpleNamespace(case_id=0, subject="Toyota", add_template="The relation between {} and Paris is",
+                           target_add="headquarters location", remove_template="The relation between {} and Toyota City is",
+                           target_remove="None")
 
 
 @pytest.fixture(scope="module")
