@@ -17,7 +17,12 @@ name                           activation                                      s
 ``blocks.{l}.hook_mlp_out``    MLP output (added to the residual)              [batch pos d_model]
 ``blocks.{l}.mlp.hook_post``   MLP hidden activation = input of the out proj   [batch pos d_mlp]
 ``hook_final_norm``            output of the final layer norm                  [batch pos d_model]
+``blocks.{l}.attn.hook_mask``  which keys each query may attend to (bool,      [batch|1 head|1
+                               True = allowed; see ``models.hooks``)           query key]
 =============================  ==============================================  ==================
+
+``hook_names`` lists the activations; ``blocks.{l}.attn.hook_mask`` is the one mask point (the
+``attention_mask`` keyword the attention module receives), used to block attention edges.
 """
 
 from __future__ import annotations
@@ -32,13 +37,16 @@ from core.errors import ModelError
 
 WeightLayout = Literal["linear", "conv1d"]
 
-_BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|mlp\.hook_post)$")
+_BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|mlp\.hook_post|attn\.hook_mask)$")
 
 
 @dataclass(frozen=True)
 class HookPoint:
+    """A module and the side hooked; ``argument`` names the keyword input hooked instead of the first input."""
+
     module_path: str
     where: Literal["input", "output"]
+    argument: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,7 @@ class ArchitectureAdapter:
             "hook_attn_out": HookPoint(self.attn.format(layer=layer), "output"),
             "hook_mlp_out": HookPoint(self.mlp.format(layer=layer), "output"),
             "mlp.hook_post": HookPoint(self.mlp_out.format(layer=layer), "input"),
+            "attn.hook_mask": HookPoint(self.attn.format(layer=layer), "input", argument="attention_mask"),
         }
         return table[kind]
 
