@@ -187,8 +187,9 @@ def test_knockout_saves_loads_and_caches(tiny_gpt2, tmp_path, one_thread):
     assert cached.from_cache and torch.equal(cached.knockout(), result.knockout()) and cached.sources == result.sources
     phrase = trace(tiny_gpt2, PROMPT, SUBJECT, settings=settings, cache_dir=tmp_path, relation_span="phrase")
     assert not phrase.from_cache  # other relation tokens, another cache entry
+    assert math.isnan(result.p_corrupted)  # a knockout alone runs no corrupted run
     result.save(tmp_path / "out")
-    assert TraceResult.load(tmp_path / "out").metadata() == result.metadata()
+    assert json.dumps(TraceResult.load(tmp_path / "out").metadata()) == json.dumps(result.metadata())
 
 
 # ---------------------------------------------------------------- errors
@@ -251,6 +252,7 @@ def test_knockout_trace_stage_and_figure(compose_config, tiny_gpt2, tmp_path, on
                              "stage.plot_facts=1", "stage.progress=false")
         summary = run_job(cfg, sweep / f"knockout-{perspective}")["results"]
         assert summary["n_traced"] == len(facts) and set(summary["peaks"][KNOCKOUT]) == set(KNOCKOUT_SOURCES)
+        assert math.isnan(summary["p_corrupted"]) and summary["p_clean"] > 0
     job = sweep / "knockout-entity"
     rows = [json.loads(line) for line in (job / "aie.jsonl").read_text().splitlines()]
     assert {r["name"] for r in rows} == {KNOCKOUT} and {r["role"] for r in rows} == set(KNOCKOUT_SOURCES)

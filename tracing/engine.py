@@ -120,14 +120,16 @@ def engine_scores(loaded: LoadedModel, inputs: TraceInputs, settings: TraceSetti
         knocked = knockout_drops(stack, clean.resid[0], clean.keys, clean.values, inputs.sources, settings.window,
                                  answer_id, p_clean, max_rows)
 
+    jobs = plan_jobs(settings, n_layers)
+    if not jobs:  # a knockout alone needs no corrupted run
+        return TraceScores(answer_id, p_clean, float("nan"), knocked)
     noisy = repeat(embeds[0], "pos d -> sample pos d", sample=samples).clone()
     noisy[:, list(inputs.positions)] += inputs.noise.to(device=stack.device, dtype=stack.dtype)
     corrupted = record_run(stack, noisy, list(settings.severed))
     p_corrupted = float(torch.softmax(corrupted.last_logits, -1)[:, answer_id].mean())
 
-    jobs = plan_jobs(settings, n_layers)
     scores = {name: torch.full((n_tokens, n_layers), p_corrupted) for name in settings.table_names}
-    first = min(inputs.positions) if jobs else n_tokens
+    first = min(inputs.positions)
     rows = max_rows or _rows_from_memory(stack, n_tokens, samples)
     for t in tqdm(range(first, n_tokens), desc="trace tokens", disable=not progress, leave=False):
         p = _run_token(stack, clean, corrupted, t, jobs, samples, answer_id, max(1, rows // samples))

@@ -27,6 +27,7 @@ SEVERED_LABELS = {"hidden": "no severing", "hidden_severed_mlp": "MLP severed", 
 SOURCE_LABELS = {"subject": "subject tokens", "relation": "relation tokens", "last": "last token"}
 SOURCE_COLORS = {"subject": "tab:blue", "relation": "tab:orange", "last": "tab:gray"}
 PERSPECTIVE_COLORS = {"entity": "tab:blue", "relation": "tab:orange"}
+PERSPECTIVE_LINES = {"entity": "-", "relation": "--"}  # dashed, so coinciding knockout curves stay visible
 
 
 def save_figure(fig: Figure, path: str | Path) -> list[Path]:
@@ -172,7 +173,8 @@ def plot_knockout(aggregates: Sequence[RoleAIE], window: int | None = None, path
             r = agg.roles.index(source)
             layers = np.arange(agg.mean.shape[1])
             color = PERSPECTIVE_COLORS.get(agg.perspective)
-            ax.plot(layers, agg.mean[r].numpy(), color=color, label=f"{agg.perspective} ({int(agg.tokens[r])} facts)")
+            ax.plot(layers, agg.mean[r].numpy(), color=color, linestyle=PERSPECTIVE_LINES.get(agg.perspective, "-"),
+                    label=f"{agg.perspective} ({int(agg.tokens[r])} facts)")
             ax.fill_between(layers, agg.low[r].numpy(), agg.high[r].numpy(), color=color, alpha=0.2, linewidth=0)
         ax.axhline(0.0, color="black", linewidth=0.5)
         ax.set_title(f"last token cannot attend to the {SOURCE_LABELS[source]}", fontsize=9)

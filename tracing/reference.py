@@ -64,6 +64,11 @@ def reference_scores(loaded: LoadedModel, inputs: TraceInputs, settings: TraceSe
             logits = model(input_ids=noisy_ids, use_cache=False).logits[:, -1].float()  # [sample vocab]
         return float(torch.softmax(logits, dim=-1)[:, answer_id].mean())
 
+    p_clean = float(torch.softmax(clean_logits, -1)[answer_id])
+    knocked = reference_knockout(loaded, ids, inputs.sources, settings.window, answer_id, p_clean) if settings.knockout_names else {}
+    if not settings.table_names:  # a knockout alone needs no corrupted run
+        return TraceScores(answer_id, p_clean, float("nan"), knocked)
+
     corrupted: dict[str, Tensor] = {}
     sever_names = [name for sublayer in settings.severed for name in names[sublayer]]
     with Hooks(model, adapter, {"hook_embed": [corrupt], **{name: [recorder(corrupted)] for name in sever_names}}):
@@ -80,10 +85,7 @@ def reference_scores(loaded: LoadedModel, inputs: TraceInputs, settings: TraceSe
     for name, plan in plans.items():
         for t, layer in all_cells:
             scores[name][t, layer] = p_answer(plan(t, layer))
-    p_clean = float(torch.softmax(clean_logits, -1)[answer_id])
-    if settings.knockout_names:
-        scores.update(reference_knockout(loaded, ids, inputs.sources, settings.window, answer_id, p_clean))
-    return TraceScores(answer_id, p_clean, p_corrupted, scores)
+    return TraceScores(answer_id, p_clean, p_corrupted, {**scores, **knocked})
 
 
 @torch.no_grad()

@@ -24,7 +24,8 @@ class TraceResult:
 
     ``corrupted`` are token positions; ``char_spans`` the char spans they came from. A knockout adds
     ``knockout_<source>`` rows ([1 layer]: relative drop in p(answer) on the clean run, NaN for a
-    source without tokens) and ``sources`` (the positions of each source set).
+    source without tokens) and ``sources`` (the positions of each source set); a trace of the
+    knockout alone runs no corrupted run, so its ``p_corrupted`` is NaN.
     """
 
     prompt: str
