@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
     stage: TraceStageConfig = OmegaConf.to_object(cfg.stage)
+    stage.trace_settings(int(cfg.seed))  # a bad kind or window fails before any data or model is loaded
     facts = load_configured_facts(cfg)  # before the model: a bad file fails in a second, not after a load
     loaded = load_configured_model(cfg)
     return with_load_summary(trace_known_facts(cfg, stage, loaded, list(facts), cfg.dataset.name, job_dir, logger), facts)
