@@ -57,7 +57,8 @@ def trace_job(sweep_dir: Path, perspective: str, kinds: Sequence[str] | None = N
     if not jobs:
         knockout = kinds is not None and KNOCKOUT in kinds
         target = "fig-knockout" if knockout else f"fig-trace-{perspective}"
-        command = f"python -m pipeline.run stage=trace perspective={perspective}" + (" 'stage.kinds=[knockout]'" if knockout else "")
+        command = f"python -m pipeline.run stage=trace perspective={perspective}"
+        command += " 'stage.kinds=[knockout]'" if knockout else ""
         raise DataError("sweep_dir", str(sweep_dir), f"holds no finished trace job for perspective={perspective}"
                         + (f" tracing any of {', '.join(kinds)}" if kinds else ""), hint=f"run: make {target} (or {command})")
     jobs.sort(key=lambda job: (job / "results.json").stat().st_mtime, reverse=True)

@@ -106,7 +106,8 @@ def trace(loaded: LoadedModel, prompt: str, subject: str | None = None, *, persp
                           "relation": perspective_char_spans(prompt, subject, "relation", relation_span, relation)}
     if knockout_spans is not None:
         knockout_spans = {name: [tuple(span) for span in spans] for name, spans in knockout_spans.items()}
-    args = (loaded, prompt, subject, perspective, char_spans, knockout_spans, answer, settings, case_id, engine, max_rows, progress)
+    args = (loaded, prompt, subject, perspective, char_spans, knockout_spans, answer, settings, case_id, engine,
+            max_rows, progress)
     if cache_dir is None:
         return _compute(*args)
     key = {"format": FORMAT_VERSION, "model": loaded.identity, "prompt": prompt, "char_spans": char_spans,

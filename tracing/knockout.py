@@ -70,7 +70,9 @@ def knockout_drops(stack: BlockStack, clean_resid: Tensor, clean_keys: list[Tens
     drops = {knockout_key(name): torch.full((1, n_layers), torch.nan) for name in sources}
     if not jobs:
         return drops
-    run = lambda chunk: _run_chunk(stack, clean_resid, clean_keys, clean_values, chunk, answer_id).tolist()  # noqa: E731
+    def run(chunk: list[KnockJob]) -> list[float]:
+        return _run_chunk(stack, clean_resid, clean_keys, clean_values, chunk, answer_id).tolist()
+
     probs = halving_map(run, jobs, max_rows or len(jobs), what="knockout_rows")
     for job, p in zip(jobs, probs):
         drops[knockout_key(job.name)][0, job.layer] = (p - p_clean) / p_clean

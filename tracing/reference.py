@@ -65,7 +65,9 @@ def reference_scores(loaded: LoadedModel, inputs: TraceInputs, settings: TraceSe
         return float(torch.softmax(logits, dim=-1)[:, answer_id].mean())
 
     p_clean = float(torch.softmax(clean_logits, -1)[answer_id])
-    knocked = reference_knockout(loaded, ids, inputs.sources, settings.window, answer_id, p_clean) if settings.knockout_names else {}
+    knocked = {}
+    if settings.knockout_names:
+        knocked = reference_knockout(loaded, ids, inputs.sources, settings.window, answer_id, p_clean)
     if not settings.table_names:  # a knockout alone needs no corrupted run
         return TraceScores(answer_id, p_clean, float("nan"), knocked)
 

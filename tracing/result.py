@@ -74,7 +74,8 @@ class TraceResult:
         """Relative drops in p(answer) per source set (``KNOCKOUT_SOURCES`` order) and layer window."""
         names = [knockout_key(source) for source in KNOCKOUT_SOURCES]
         if not all(name in self.scores for name in names):
-            raise DataError("trace.kinds", sorted(self.scores), "this trace has no knockout", hint="trace with kinds including knockout")
+            raise DataError("trace.kinds", sorted(self.scores), "this trace has no knockout",
+                            hint="trace with kinds including knockout")
         return torch.cat([self.scores[name] for name in names])
 
     def roles(self) -> dict[str, list[int]]:
