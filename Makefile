@@ -11,7 +11,7 @@ MODEL ?= smollm2_135m
 RUN := $(PY) -m pipeline.run
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench clean-outputs help figures fig-trace-entity fig-trace-relation fig-severed table-editing train-mend report
+.PHONY: setup demo test test-fast bench clean-outputs help figures fig-trace-entity fig-trace-relation fig-severed fig-knockout table-editing train-mend report
 
 help:
 	@echo "make demo       set up .venv and run the main job on the embedded SmolLM2 (a few minutes on 2 cores)"
@@ -19,7 +19,7 @@ help:
 	@echo "make test-fast  the test suite without the slow end-to-end sweeps"
 	@echo "make bench      speed benchmarks (BENCH_ARGS=--gpu for the GPU cases)"
 	@echo "make figures    the paper's figures and editing table for MODEL (default $(MODEL)) into outputs/figures/MODEL/"
-	@echo "                (fig-trace-entity, fig-trace-relation, fig-severed, table-editing one by one)"
+	@echo "                (fig-trace-entity, fig-trace-relation, fig-severed, fig-knockout, table-editing one by one)"
 	@echo "make report     outputs/reports/MODEL/report.md: our figures and tables vs the paper, a verdict per claim"
 
 setup: $(VENV)/.setup-done
@@ -77,6 +77,12 @@ fig-trace-entity fig-trace-relation: fig-trace-%: setup
 fig-severed: fig-trace-entity fig-trace-relation
 	$(FIGURES) severed --sweep-dir $(FIG_SWEEP_DIR) --out $(FIG_DIR)
 
+# Attention knockout (Geva et al. 2023) on the clean runs of the same known facts, both perspectives
+# (the source sets do not depend on the perspective; the two curves are a check).
+fig-knockout: setup
+	$(RUN) -m stage=trace dataset=known stage.n_facts=$(TRACE_FACTS) 'stage.kinds=[knockout]' stage.severed=false perspective=entity,relation $(FIG_JOB)
+	$(FIGURES) knockout --sweep-dir $(FIG_SWEEP_DIR) --out $(FIG_DIR)
+
 train-mend: setup
 	$(RUN) stage=train_mend editor=mend stage.steps=$(MEND_STEPS) $(FIG_JOB)
 
@@ -84,7 +90,7 @@ table-editing: setup $(if $(findstring mend,$(EDITORS)),train-mend)
 	$(RUN) -m stage=edit editor=$(EDITORS) perspective=entity,relation stage.n_cases=$(EDIT_CASES) $(FIG_JOB)
 	$(FIGURES) table --sweep-dir $(FIG_SWEEP_DIR) --out $(FIG_DIR)
 
-figures: fig-trace-entity fig-trace-relation fig-severed table-editing
+figures: fig-trace-entity fig-trace-relation fig-severed fig-knockout table-editing
 	@echo "figures and tables: $(FIG_DIR)/"
 
 report: setup

@@ -7,6 +7,14 @@ read the activation or return a replacement; tuples (attention outputs) are unpa
 here so callers only ever see ``[batch pos d]`` tensors. Hooks are removed on exit, always, and
 only the hooks this context added (nesting is safe). ``stop_after=name`` ends the forward pass
 after that activation (cheap partial forwards for statistics), and the context swallows it.
+
+``blocks.{l}.attn.hook_mask`` is the attention mask the attention module receives, shown to hook
+fns in one form whatever the attention implementation: a bool ``[batch|1 head|1 query key]``
+tensor, True where a query may attend to a key. transformers hands eager attention an additive
+float mask and sdpa either a mask or ``None`` (causal by flag); ``None`` is materialised as the
+causal mask (after any cached prefix), and a replacement goes back in the form the module reads:
+bool stays bool, additive stays additive (kept values where still allowed, the dtype's minimum
+where blocked), ``None`` becomes additive. Blocked keys then get exactly zero attention weight.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from core.errors import ModelError
 from models.adapters import ArchitectureAdapter
 
 HookFn = Callable[[Tensor, str], Tensor | None]
@@ -51,6 +60,10 @@ class Hooks:
                 stop = name == self.stop_after
                 if point.where == "output":
                     self._handles.append(module.register_forward_hook(_output_hook(name, fns, stop)))
+                elif point.argument == "attention_mask":
+                    self._handles.append(
+                        module.register_forward_pre_hook(_mask_hook(name, fns, stop), with_kwargs=True)
+                    )
                 else:
                     self._handles.append(
                         module.register_forward_pre_hook(_input_hook(name, fns, stop), with_kwargs=True)
@@ -110,6 +123,47 @@ def _input_hook(name: str, fns: list[HookFn], stop: bool):
         return args, {**kwargs, key: replaced}
 
     return hook
+
+
+def _mask_hook(name: str, fns: list[HookFn], stop: bool):
+    def hook(module: nn.Module, args, kwargs):
+        if "attention_mask" not in kwargs and len(args) > 1:
+            raise ModelError("hook", name, "the attention module got positional arguments, so its mask is not known",
+                             hint="the adapter's attention module must receive attention_mask by keyword")
+        original = kwargs.get("attention_mask")
+        hidden = args[0] if args else kwargs["hidden_states"]
+        allowed = _allowed(original, hidden, module, kwargs)
+        replaced = _apply(fns, allowed, name)
+        if stop:
+            raise StopForward(name)
+        if replaced is None:
+            return None
+        return args, {**kwargs, "attention_mask": _as_mask(replaced, original, hidden.dtype)}
+
+    return hook
+
+
+def _allowed(mask: Tensor | None, hidden: Tensor, module: nn.Module, kwargs) -> Tensor:  # [batch|1 head|1 query key]
+    """The bool view of an attention mask; ``None`` is the causal mask after the cache's prefix."""
+    if mask is None:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        prefix = cache.get_seq_length(getattr(module, "layer_idx", 0)) if cache is not None else 0
+        queries = torch.arange(hidden.shape[1], device=hidden.device) + prefix
+        keys = torch.arange(prefix + hidden.shape[1], device=hidden.device)
+        return (keys[None, :] <= queries[:, None])[None, None]
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def _as_mask(allowed: Tensor, original: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """``allowed`` back in the form the module received (see the module docstring)."""
+    if original is not None and original.dtype == torch.bool:
+        return allowed
+    if original is None:
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    kept = original.masked_fill(~_allowed(original, original, None, {}), 0.0)  # values of newly allowed keys: 0
+    return torch.where(allowed, kept, torch.finfo(original.dtype).min)
 
 
 def recorder(store: dict[str, Tensor], detach: bool = True, clone: bool = True) -> HookFn:

@@ -8,12 +8,18 @@ one folder per model (``outputs/figures/<model>/``), atomically:
   facts, p_clean / p_corrupted, settings);
 - ``severed.{png,pdf}``: hidden-state AIE at the last corrupted token with nothing / MLP / attention
   severed, one panel per perspective;
+- ``knockout.{png,pdf}``, ``knockout.csv``, ``knockout.json``: attention knockout (Geva et al. 2023),
+  the relative drop in p(answer) when the last token cannot attend to the subject / relation / last
+  token over a window of layers, one panel per source set, a curve per perspective with bootstrap
+  bands (the source sets do not depend on the perspective, so the curves differ only if the jobs
+  traced different facts or relation spans);
 - ``table_editing.{md,csv}``: editor x edit perspective x side x metric, pre -> post with intervals;
 - ``editing.{png,pdf}``: per editor, edit perspective x evaluated side, pre -> post bars with
   intervals and the relation side's strict top-1 (``metrics.plots``).
 
     python -m pipeline.figures trace --sweep-dir outputs/sweeps/<s> --perspective entity --out outputs/figures/<m>
     python -m pipeline.figures severed --sweep-dir outputs/sweeps/<s> --out outputs/figures/<m>
+    python -m pipeline.figures knockout --sweep-dir outputs/sweeps/<s> --out outputs/figures/<m>
     python -m pipeline.figures table --sweep-dir outputs/sweeps/<s> --out outputs/figures/<m>
 
 The Makefile's ``fig-*`` / ``table-editing`` targets run the pipeline jobs and then these commands.
@@ -34,8 +40,8 @@ from core.io import atomic_write_json, atomic_write_text, load_tensors, read_jso
 from metrics.plots import plot_editing
 from pipeline.jobs import finished_steps
 from tracing import severed_key
-from tracing.aggregate import RoleAIE
-from tracing.plots import plot_aie_curves, plot_role_heatmaps, plot_severed, save_figure
+from tracing.aggregate import KNOCKOUT, RoleAIE
+from tracing.plots import plot_aie_curves, plot_knockout, plot_role_heatmaps, plot_severed, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +49,18 @@ KINDS = ("hidden", "mlp", "attn")
 SEVERED = ("hidden", severed_key("mlp"), severed_key("attn"))
 
 
-def trace_job(sweep_dir: Path, perspective: str) -> Path:
-    """The newest finished ``stage=trace`` job of ``perspective`` in the sweep."""
+def trace_job(sweep_dir: Path, perspective: str, kinds: Sequence[str] | None = None) -> Path:
+    """The newest finished ``stage=trace`` job of ``perspective`` in the sweep (that traced any of ``kinds``, if given)."""
     jobs = [job_dir for job_dir, _, results in finished_steps(sweep_dir, "trace", include_full=False)
-            if results.get("perspective") == perspective]
+            if results.get("perspective") == perspective
+            and (kinds is None or set(kinds) & set(results.get("settings", {}).get("kinds", [])))]
     if not jobs:
-        raise DataError("sweep_dir", str(sweep_dir), f"holds no finished trace job for perspective={perspective}",
-                        hint=f"run: make fig-trace-{perspective} (or python -m pipeline.run stage=trace perspective={perspective})")
+        knockout = kinds is not None and KNOCKOUT in kinds
+        target = "fig-knockout" if knockout else f"fig-trace-{perspective}"
+        command = f"python -m pipeline.run stage=trace perspective={perspective}"
+        command += " 'stage.kinds=[knockout]'" if knockout else ""
+        raise DataError("sweep_dir", str(sweep_dir), f"holds no finished trace job for perspective={perspective}"
+                        + (f" tracing any of {', '.join(kinds)}" if kinds else ""), hint=f"run: make {target} (or {command})")
     jobs.sort(key=lambda job: (job / "results.json").stat().st_mtime, reverse=True)
     if len(jobs) > 1:
         log.warning("%d trace jobs for %s in %s; using the newest, %s", len(jobs), perspective, sweep_dir, jobs[0].name)
@@ -69,7 +80,7 @@ def job_aggregates(job_dir: Path) -> tuple[dict[str, RoleAIE], dict]:
     names = sorted({key.rsplit(".", 1)[0] for key in tensors})
     aggregates = {name: RoleAIE.from_tensors(tensors, name, summary["perspective"], summary["n_traced"], summary["p_clean"],
                                              summary["p_corrupted"], confidence) for name in names}
-    meta = {"model": summary["model"], "n_layers": int(tensors["hidden.mean"].shape[1]),
+    meta = {"model": summary["model"], "n_layers": int(tensors[f"{names[0]}.mean"].shape[1]),
             "n_facts": summary["n_traced"], "p_clean": summary["p_clean"], "p_corrupted": summary["p_corrupted"],
             "perspective": summary["perspective"], "relation_span": summary.get("relation_span"),
             "settings": summary["settings"], "job": str(job_dir)}
@@ -77,7 +88,7 @@ def job_aggregates(job_dir: Path) -> tuple[dict[str, RoleAIE], dict]:
 
 
 def write_trace(sweep_dir: Path, perspective: str, out: Path) -> list[Path]:
-    aggregates, meta = job_aggregates(trace_job(sweep_dir, perspective))
+    aggregates, meta = job_aggregates(trace_job(sweep_dir, perspective, KINDS))  # not a knockout-only job
     kinds = [aggregates[name] for name in KINDS if name in aggregates]
     stem = out / f"trace_{perspective}"
     paths = save_figure(plot_role_heatmaps(kinds), f"{stem}_roles") + save_figure(plot_aie_curves(kinds), f"{stem}_curves")
@@ -90,7 +101,7 @@ def write_trace(sweep_dir: Path, perspective: str, out: Path) -> list[Path]:
 def write_severed(sweep_dir: Path, out: Path, perspectives: Sequence[str] = ("entity", "relation")) -> list[Path]:
     panels = []
     for perspective in perspectives:
-        aggregates, _ = job_aggregates(trace_job(sweep_dir, perspective))
+        aggregates, _ = job_aggregates(trace_job(sweep_dir, perspective, ("hidden",)))
         present = {name: aggregates[name] for name in SEVERED if name in aggregates}
         if len(present) < 2:
             raise DataError("stage.severed", False, f"the {perspective} trace job has no severed traces",
@@ -100,6 +111,28 @@ def write_severed(sweep_dir: Path, out: Path, perspectives: Sequence[str] = ("en
     for i, present in enumerate(panels):
         plot_severed(present, ax=figure.add_subplot(1, len(panels), i + 1))
     return save_figure(figure, out / "severed")
+
+
+def write_knockout(sweep_dir: Path, out: Path, perspectives: Sequence[str] = ("entity", "relation")) -> list[Path]:
+    """The knockout figure from the newest knockout trace job of each perspective (at least one needed)."""
+    found, metas, missing = [], [], []
+    for perspective in perspectives:
+        try:
+            aggregates, meta = job_aggregates(trace_job(sweep_dir, perspective, (KNOCKOUT,)))
+        except DataError as err:
+            missing.append(err)
+            continue
+        found.append(aggregates[KNOCKOUT])
+        metas.append(meta)
+    if not found:
+        raise missing[0]
+    for err in missing:
+        log.warning("knockout figure without a perspective: %s", err)
+    paths = save_figure(plot_knockout(found, window=metas[0]["settings"]["window"]), out / "knockout")
+    rows = [row for agg in found for row in agg.rows()]
+    paths.append(atomic_write_text(out / "knockout.csv", pd.DataFrame(rows).to_csv(index=False)))
+    paths.append(atomic_write_json(out / "knockout.json", {meta["perspective"]: meta for meta in metas}))
+    return paths
 
 
 def write_table(sweep_dir: Path, out: Path) -> list[Path]:
@@ -120,7 +153,7 @@ def write_table(sweep_dir: Path, out: Path) -> list[Path]:
 
 def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     parser = argparse.ArgumentParser(description="Draw the paper's figures and tables from finished pipeline jobs.")
-    parser.add_argument("artefact", choices=("trace", "severed", "table"))
+    parser.add_argument("artefact", choices=("trace", "severed", "knockout", "table"))
     parser.add_argument("--sweep-dir", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path, help="e.g. outputs/figures/<model>")
     parser.add_argument("--perspective", choices=("entity", "relation"), help="for trace")
@@ -135,6 +168,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
         paths = write_trace(args.sweep_dir, args.perspective, args.out)
     elif args.artefact == "severed":
         paths = write_severed(args.sweep_dir, args.out)
+    elif args.artefact == "knockout":
+        paths = write_knockout(args.sweep_dir, args.out)
     else:
         paths = write_table(args.sweep_dir, args.out)
     for path in paths:

@@ -162,6 +162,31 @@ def _trace_split_subject(perspective: str):
     return trace_fact(load_model("tiny_gpt2"), fact, perspective)
 
 
+def _knockout_without_subject() -> Any:
+    from models import load_model
+    from tracing import trace
+
+    return trace(load_model("tiny_gpt2"), "The capital of Italy is", char_spans=[(15, 20)], kinds="knockout", noise_std=0.1)
+
+
+def _knockout_without_sources() -> Any:
+    from models import load_model
+    from tracing.inputs import make_inputs
+    from tracing.engine import engine_scores
+    from tracing.settings import TraceSettings
+
+    settings = TraceSettings(kinds=("knockout",), noise_scale=0.1)
+    loaded = load_model("tiny_gpt2")
+    return engine_scores(loaded, make_inputs([1, 2, 3], [0], None, settings, loaded.adapter.d_model, "p"), settings)
+
+
+def _knockout_figure_without_jobs(ctx: BadInputContext) -> Any:
+    from pipeline import figures
+
+    (ctx.tmp_path / "sweep").mkdir()
+    return figures.main(["knockout", "--sweep-dir", str(ctx.tmp_path / "sweep"), "--out", str(ctx.tmp_path / "figures")])
+
+
 def _local_model(ctx: BadInputContext, path: Path) -> dict:
     return ctx.job("stage=known", "dataset=known", "model.source=local", f"model.id={path}")
 
@@ -208,6 +233,12 @@ INPUT_CASES: list[BadInput] = [
     BadInput("trace_known_facts with duplicate case ids (API)", lambda c: _trace_duplicates(c), DataError, "case_id"),
     BadInput("subject splits a token (relation perspective)", lambda c: _trace_split_subject("relation"), DataError, "subject"),
     BadInput("subject splits a token (entity perspective)", lambda c: _trace_split_subject("entity"), DataError, "subject"),
+    BadInput("stage.kinds=[knockoff]", lambda c: c.job("stage=trace", "dataset=known", "stage.kinds=[knockoff]"),
+             ConfigError, "trace.kinds"),
+    BadInput("knockout without a subject (API)", lambda c: _knockout_without_subject(), ConfigError, "subject"),
+    BadInput("knockout without its source sets (engine)", lambda c: _knockout_without_sources(), ConfigError, "trace.kinds"),
+    BadInput("pipeline.figures knockout on a sweep without knockout jobs", _knockout_figure_without_jobs,
+             DataError, "sweep_dir"),
     BadInput("dataset.path is a dir (load_facts)",
              lambda c: load_facts(DatasetConfig(name="counterfact", path=str(_dir(c, "d")))), DataError, "dataset.path"),
 ]

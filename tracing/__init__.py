@@ -2,7 +2,8 @@
 
 ``trace`` / ``trace_fact`` trace one fact with one call and return a ``TraceResult`` that saves
 and loads itself; ``tracing.engine`` is the batched engine, ``tracing.reference`` the
-one-forward-per-restoration oracle it is tested against; ``tracing.aggregate`` computes AIE by
+one-forward-per-restoration oracle it is tested against; ``tracing.knockout`` is the attention
+knockout (kind ``knockout``, Geva et al. 2023); ``tracing.aggregate`` computes AIE by
 token role with bootstrap intervals and ``tracing.plots`` draws the figures (``plot_trace`` for
 one result).
 """
@@ -10,10 +11,11 @@ one result).
 from tracing.api import default_noise_std, perspective_char_spans, resolve_settings, trace, trace_fact
 from tracing.noise import embedding_std
 from tracing.result import TraceResult
-from tracing.settings import KINDS, SEVERABLE, TraceSettings, severed_key, window_layers
+from tracing.settings import KINDS, KNOCKOUT_SOURCES, SEVERABLE, TraceSettings, knockout_key, severed_key, window_layers
 from tracing.spans import ROLES, token_roles
 
 __all__ = [
-    "KINDS", "ROLES", "SEVERABLE", "TraceResult", "TraceSettings", "default_noise_std", "embedding_std",
-    "perspective_char_spans", "resolve_settings", "severed_key", "token_roles", "trace", "trace_fact", "window_layers",
+    "KINDS", "KNOCKOUT_SOURCES", "ROLES", "SEVERABLE", "TraceResult", "TraceSettings", "default_noise_std",
+    "embedding_std", "knockout_key", "perspective_char_spans", "resolve_settings", "severed_key", "token_roles", "trace",
+    "trace_fact", "window_layers",
 ]

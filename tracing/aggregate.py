@@ -4,6 +4,10 @@ As in ROME's figure code, a role's AIE is the mean over every token of that role
 (tokens of the middle / further roles each count once), so a fact with a long subject weighs
 more in the middle role. Confidence intervals resample facts (not tokens) with replacement.
 Pure functions over ``TraceResult`` tables: no model, no I/O.
+
+The knockout aggregate (``aggregate_knockout``) reuses the same container and bootstrap: its
+"roles" are the source sets, its values the mean relative drop in p(answer) over the facts that
+have tokens in the set.
 """
 
 from __future__ import annotations
@@ -18,12 +22,24 @@ from torch import Tensor
 from core.bootstrap import bootstrap_indices
 from core.errors import DataError
 from tracing.result import TraceResult
+from tracing.settings import KNOCKOUT_SOURCES
 from tracing.spans import ROLES
+
+KNOCKOUT = "knockout"  # the knockout aggregate's name (its roles are KNOCKOUT_SOURCES)
+
+
+def roles_of(name: str) -> tuple[str, ...]:
+    """The rows of an aggregate: token roles, or the source sets for the knockout."""
+    return KNOCKOUT_SOURCES if name == KNOCKOUT else ROLES
 
 
 @dataclass
 class RoleAIE:
-    """AIE of one score name: ``mean``, ``low``, ``high`` are ``[role layer]`` (NaN where a role is empty)."""
+    """AIE of one score name: ``mean``, ``low``, ``high`` are ``[role layer]`` (NaN where a role is empty).
+
+    For the knockout (name ``knockout``) the roles are the source sets, the values relative drops
+    in p(answer), and ``tokens`` counts the facts with tokens in each set.
+    """
 
     name: str
     perspective: str
@@ -57,7 +73,7 @@ class RoleAIE:
         """The inverse of ``tensors`` (e.g. a trace job's ``aie.safetensors``), given what it does not store."""
         return cls(name=name, perspective=perspective, mean=tensors[f"{name}.mean"], low=tensors[f"{name}.low"],
                    high=tensors[f"{name}.high"], tokens=tensors[f"{name}.tokens"].long(), n_facts=n_facts,
-                   p_clean=p_clean, p_corrupted=p_corrupted, confidence=confidence)
+                   p_clean=p_clean, p_corrupted=p_corrupted, confidence=confidence, roles=roles_of(name))
 
 
 def role_sums(result: TraceResult, name: str) -> tuple[Tensor, Tensor]:
@@ -98,20 +114,47 @@ def bootstrap_ratio(sums: Tensor, counts: Tensor, n_bootstrap: int = 1000, confi
     return mean, low, high
 
 
-def aggregate_aie(results: Sequence[TraceResult], name: str = "hidden", n_bootstrap: int = 1000,
-                  confidence: float = 0.95, seed: int = 0) -> RoleAIE:
-    """AIE per (role, layer) over ``results`` (the facts the model knows) for one score name."""
-    results = [r for r in results if name in r.scores]
-    if not results:
-        raise DataError("trace.kinds", name, "no trace has this score", hint="include it in the trace's kinds / severed")
+def _one_perspective(results: Sequence[TraceResult]) -> str:
     perspectives = {r.perspective for r in results}
     if len(perspectives) > 1:
         raise DataError("perspective", sorted(perspectives), "traces of both perspectives mixed", hint="aggregate each perspective apart")
+    return perspectives.pop()
+
+
+def aggregate_knockout(results: Sequence[TraceResult], n_bootstrap: int = 1000, confidence: float = 0.95,
+                       seed: int = 0) -> RoleAIE:
+    """Mean relative drop in p(answer) per (source set, layer window) over ``results``, bootstrap over facts.
+
+    A fact without tokens in a set (NaN row) is left out of that set's mean and resamples.
+    """
+    results = [r for r in results if r.settings.knockout_names]
+    if not results:
+        raise DataError("trace.kinds", KNOCKOUT, "no trace has a knockout", hint="include knockout in the trace's kinds")
+    perspective = _one_perspective(results)
+    drops = torch.stack([r.knockout().double() for r in results])  # [fact source layer]
+    present = ~drops.isnan().all(dim=2)  # [fact source]
+    mean, low, high = bootstrap_ratio(drops.nan_to_num(0.0), present.double(), n_bootstrap, confidence, seed)
+    return RoleAIE(name=KNOCKOUT, perspective=perspective, mean=mean.float(), low=low.float(), high=high.float(),
+                   tokens=present.sum(0).long(), n_facts=len(results),
+                   p_clean=float(sum(r.p_clean for r in results) / len(results)),
+                   p_corrupted=float(sum(r.p_corrupted for r in results) / len(results)), confidence=confidence,
+                   roles=KNOCKOUT_SOURCES)
+
+
+def aggregate_aie(results: Sequence[TraceResult], name: str = "hidden", n_bootstrap: int = 1000,
+                  confidence: float = 0.95, seed: int = 0) -> RoleAIE:
+    """AIE per (role, layer) over ``results`` (the facts the model knows) for one score name."""
+    if name.startswith(f"{KNOCKOUT}_"):
+        raise DataError("name", name, "knockout rows have no token roles", hint="use aggregate_knockout")
+    results = [r for r in results if name in r.scores]
+    if not results:
+        raise DataError("trace.kinds", name, "no trace has this score", hint="include it in the trace's kinds / severed")
+    perspective = _one_perspective(results)
     pairs = [role_sums(r, name) for r in results]
     sums = torch.stack([s for s, _ in pairs])
     counts = torch.stack([c for _, c in pairs])
     mean, low, high = bootstrap_ratio(sums, counts, n_bootstrap, confidence, seed)
-    return RoleAIE(name=name, perspective=perspectives.pop(), mean=mean.float(), low=low.float(), high=high.float(),
+    return RoleAIE(name=name, perspective=perspective, mean=mean.float(), low=low.float(), high=high.float(),
                    tokens=counts.sum(0).long(), n_facts=len(results),
                    p_clean=float(sum(r.p_clean for r in results) / len(results)),
                    p_corrupted=float(sum(r.p_corrupted for r in results) / len(results)), confidence=confidence)

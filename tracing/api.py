@@ -8,6 +8,9 @@
     >>> from tracing.plots import plot_trace
     >>> plot_trace(result, "hidden", path="eiffel_hidden")  # eiffel_hidden.png + .pdf
     >>> result.save("out/eiffel")                      # trace.safetensors + trace.json
+    >>> knocked = trace(loaded, "The Eiffel Tower is located in the city of", subject="The Eiffel Tower",
+    ...                 kinds="knockout")
+    >>> knocked.knockout()                              # [source layer]: subject, relation, last
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from tracing.inputs import TraceScores, answer_token, make_inputs
 from tracing.noise import embedding_std
 from tracing.result import TraceResult
 from tracing.settings import FORMAT_VERSION, PERSPECTIVES, TraceSettings
-from tracing.spans import Span, check_subject_tokens, corrupted_positions, subject_char_span
+from tracing.spans import Span, check_subject_tokens, corrupted_positions, knockout_positions, subject_char_span
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,8 @@ def perspective_char_spans(prompt: str, subject: str, perspective: str, relation
 
 def trace(loaded: LoadedModel, prompt: str, subject: str | None = None, *, perspective: str = "entity",
           char_spans: Sequence[Span] | None = None, kinds: Sequence[str] | str | None = None, answer: Answer = None,
-          settings: TraceSettings | None = None, relation_span: str = "template", noise_std: float | None = None,
+          settings: TraceSettings | None = None, relation_span: str = "template", relation=None,
+          knockout_spans: dict[str, list[Span]] | None = None, noise_std: float | None = None,
           cache_dir: str | Path | None = None, case_id: int | None = None, engine: Engine = "batched",
           max_rows: int | None = None, progress: bool = False) -> TraceResult:
     """Causal trace of one prompt.
@@ -76,6 +80,11 @@ def trace(loaded: LoadedModel, prompt: str, subject: str | None = None, *, persp
     ``relation_span="phrase"``), or exactly ``char_spans``. ``answer`` is the model's own top-1
     token (``None``, as ROME), a string (its first token, a leading space added) or a token id.
     ``kinds`` overrides ``settings.kinds``. With ``cache_dir`` the result is cached.
+
+    Kind ``knockout`` needs ``subject``: its source sets are the subject, the relation tokens
+    (``relation_span``, ``relation``) and the last token, whatever ``perspective`` corrupts, so
+    its rows are the same in both perspectives; ``knockout_spans`` (``{"subject": [...],
+    "relation": [...]}`` char spans) gives them exactly instead.
     """
     settings = settings or TraceSettings()
     if kinds is not None:
@@ -84,17 +93,31 @@ def trace(loaded: LoadedModel, prompt: str, subject: str | None = None, *, persp
         if subject is None:
             raise ConfigError("subject", None, "need a subject or explicit char_spans", hint="trace(loaded, prompt, subject=...)")
         check_subject_tokens(loaded.tokenizer, prompt, subject_char_span(prompt, subject), subject, case_id)
-        char_spans = perspective_char_spans(prompt, subject, perspective, relation_span)
+        char_spans = perspective_char_spans(prompt, subject, perspective, relation_span, relation)
     char_spans = [tuple(span) for span in char_spans]
     settings = resolve_settings(loaded, settings, noise_std, cache_dir)
+    if not settings.knockout_names:
+        knockout_spans = None
+    elif knockout_spans is None:
+        if subject is None:
+            raise ConfigError("subject", None, "a knockout needs the subject (its source sets are the subject and "
+                              "relation tokens)", hint="trace(loaded, prompt, subject=..., kinds=['knockout'])")
+        knockout_spans = {"subject": [subject_char_span(prompt, subject)],
+                          "relation": perspective_char_spans(prompt, subject, "relation", relation_span, relation)}
+    if knockout_spans is not None:
+        knockout_spans = {name: [tuple(span) for span in spans] for name, spans in knockout_spans.items()}
+    args = (loaded, prompt, subject, perspective, char_spans, knockout_spans, answer, settings, case_id, engine,
+            max_rows, progress)
     if cache_dir is None:
-        return _compute(loaded, prompt, subject, perspective, char_spans, answer, settings, case_id, engine, max_rows, progress)
+        return _compute(*args)
     key = {"format": FORMAT_VERSION, "model": loaded.identity, "prompt": prompt, "char_spans": char_spans,
            "perspective": perspective, "answer": answer, "settings": settings.key(), "engine": engine}
+    if knockout_spans is not None:  # only then, so the keys of earlier traces stay valid
+        key["knockout_spans"] = knockout_spans
     entry = CacheEntry(cache_dir, "traces", key)
 
     def compute(entry: CacheEntry) -> TraceResult:
-        result = _compute(loaded, prompt, subject, perspective, char_spans, answer, settings, case_id, engine, max_rows, progress)
+        result = _compute(*args)
         result.save(entry.dir)
         return result
 
@@ -122,21 +145,25 @@ def trace_fact(loaded: LoadedModel, fact: Fact, perspective: str = "entity", *, 
         raise ConfigError("trace.answer", answer, "unknown answer choice", hint="use predicted or true")
     check_subject_tokens(loaded.tokenizer, fact.prompt, fact.subject_char_span(), fact.subject, fact.case_id)
     spans = corrupted_char_spans(fact, perspective, relation_span, relation)
+    knockout_spans = {"subject": corrupted_char_spans(fact, "entity"),
+                      "relation": corrupted_char_spans(fact, "relation", relation_span, relation)}
     return trace(loaded, fact.prompt, fact.subject, perspective=perspective, char_spans=spans,
                  answer=fact.target_true if answer == "true" else None, settings=settings,
-                 case_id=fact.case_id, relation_span=relation_span, **kwargs)
+                 case_id=fact.case_id, relation_span=relation_span, relation=relation, knockout_spans=knockout_spans,
+                 **kwargs)
 
 
-def _compute(loaded: LoadedModel, prompt: str, subject: str | None, perspective: str, char_spans: list[Span], answer: Answer,
-             settings: TraceSettings, case_id: int | None, engine: Engine, max_rows: int | None,
-             progress: bool) -> TraceResult:
+def _compute(loaded: LoadedModel, prompt: str, subject: str | None, perspective: str, char_spans: list[Span],
+             knockout_spans: dict[str, list[Span]] | None, answer: Answer, settings: TraceSettings, case_id: int | None,
+             engine: Engine, max_rows: int | None, progress: bool) -> TraceResult:
     from tracing.engine import engine_scores
     from tracing.reference import reference_scores
 
     started = time.time()
     token_ids, positions = corrupted_positions(loaded.tokenizer, prompt, char_spans, case_id)
     answer_id = answer if isinstance(answer, int) or answer is None else answer_token(loaded.tokenizer, answer)
-    inputs = make_inputs(token_ids, positions, answer_id, settings, loaded.adapter.d_model, prompt)
+    sources = knockout_positions(loaded.tokenizer, prompt, knockout_spans) if knockout_spans else {}
+    inputs = make_inputs(token_ids, positions, answer_id, settings, loaded.adapter.d_model, prompt, sources)
     if engine == "batched":
         scores: TraceScores = engine_scores(loaded, inputs, settings, max_rows=max_rows, progress=progress)
     elif engine == "reference":
@@ -149,5 +176,5 @@ def _compute(loaded: LoadedModel, prompt: str, subject: str | None, perspective:
         corrupted=list(positions), char_spans=char_spans, perspective=perspective,
         answer=tokenizer.decode([scores.answer_id]), answer_id=scores.answer_id, p_clean=scores.p_clean,
         p_corrupted=scores.p_corrupted, scores=scores.scores, settings=settings, subject=subject, case_id=case_id,
-        model=dict(loaded.identity), seconds=round(time.time() - started, 3),
+        model=dict(loaded.identity), seconds=round(time.time() - started, 3), sources=sources,
     )

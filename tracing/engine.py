@@ -12,6 +12,8 @@ Savings, each exact (not approximations):
   run as one batch that grows block by block as runs reach their start layer ("staircase").
 * Only the last position is unembedded.
 
+Attention knockout (kind ``knockout``) runs on the clean run's cache (``tracing.knockout``).
+
 Batch size comes from a memory budget and halves on out-of-memory errors.
 """
 
@@ -31,6 +33,7 @@ from models.blocks import BlockStack, PrefixCache
 from models.hooks import Hooks, HookFn, recorder
 from models.load import LoadedModel
 from tracing.inputs import TraceInputs, TraceScores
+from tracing.knockout import knockout_drops
 from tracing.settings import TraceSettings, severed_key, window_layers
 
 log = logging.getLogger(__name__)
@@ -67,7 +70,7 @@ def plan_jobs(settings: TraceSettings, n_layers: int) -> list[Job]:
     """The restored runs of one token, for every layer and every score name."""
     jobs = []
     for layer in range(n_layers):
-        for kind in settings.kinds:
+        for kind in settings.restored:
             if kind == "hidden":
                 jobs.append(Job("hidden", layer, layer + 1, True))
             else:
@@ -109,24 +112,30 @@ def engine_scores(loaded: LoadedModel, inputs: TraceInputs, settings: TraceSetti
     n_layers, n_tokens, samples = stack.n_layers, inputs.n_tokens, settings.samples
     ids = inputs.token_ids.to(stack.device)[None]  # [1 pos]
     embeds = stack.token_embeddings(ids)  # [1 pos d_model]
-    clean = record_run(stack, embeds, [k for k in settings.kinds if k != "hidden"])
+    clean = record_run(stack, embeds, [k for k in settings.restored if k != "hidden"])
     answer_id = int(clean.last_logits[0].argmax()) if inputs.answer_id is None else inputs.answer_id
     p_clean = float(torch.softmax(clean.last_logits[0], -1)[answer_id])
+    knocked = {}
+    if settings.knockout_names:
+        knocked = knockout_drops(stack, clean.resid[0], clean.keys, clean.values, inputs.sources, settings.window,
+                                 answer_id, p_clean, max_rows)
 
+    jobs = plan_jobs(settings, n_layers)
+    if not jobs:  # a knockout alone needs no corrupted run
+        return TraceScores(answer_id, p_clean, float("nan"), knocked)
     noisy = repeat(embeds[0], "pos d -> sample pos d", sample=samples).clone()
     noisy[:, list(inputs.positions)] += inputs.noise.to(device=stack.device, dtype=stack.dtype)
     corrupted = record_run(stack, noisy, list(settings.severed))
     p_corrupted = float(torch.softmax(corrupted.last_logits, -1)[:, answer_id].mean())
 
-    jobs = plan_jobs(settings, n_layers)
-    scores = {name: torch.full((n_tokens, n_layers), p_corrupted) for name in settings.score_names}
+    scores = {name: torch.full((n_tokens, n_layers), p_corrupted) for name in settings.table_names}
     first = min(inputs.positions)
     rows = max_rows or _rows_from_memory(stack, n_tokens, samples)
     for t in tqdm(range(first, n_tokens), desc="trace tokens", disable=not progress, leave=False):
         p = _run_token(stack, clean, corrupted, t, jobs, samples, answer_id, max(1, rows // samples))
         for job, value in zip(jobs, p.tolist()):
             scores[job.name][t, job.layer] = value
-    return TraceScores(answer_id, p_clean, p_corrupted, scores)
+    return TraceScores(answer_id, p_clean, p_corrupted, {**scores, **knocked})
 
 
 def _run_token(stack: BlockStack, clean: RunRecord, corrupted: RunRecord, t: int, jobs: list[Job], samples: int,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -15,12 +15,14 @@ from tracing.settings import TraceSettings
 
 @dataclass(frozen=True)
 class TraceInputs:
-    """Token ids ``[pos]``, corrupted positions, the answer token and the noise ``[sample n_corrupted d_model]``."""
+    """Token ids ``[pos]``, corrupted positions, the answer token and the noise ``[sample n_corrupted d_model]``;
+    ``sources``: the knockout source sets (``tracing.spans.knockout_sources``), empty without a knockout."""
 
     token_ids: Tensor
     positions: tuple[int, ...]
     answer_id: int | None
     noise: Tensor
+    sources: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def n_tokens(self) -> int:
@@ -28,7 +30,7 @@ class TraceInputs:
 
 
 def make_inputs(token_ids: Sequence[int], positions: Sequence[int], answer_id: int | None, settings: TraceSettings,
-                d_model: int, prompt: str) -> TraceInputs:
+                d_model: int, prompt: str, sources: Mapping[str, Sequence[int]] | None = None) -> TraceInputs:
     """Draw the fact's noise from (seed, prompt, positions); ``answer_id=None`` means the clean top-1 token."""
     if settings.noise_scale is None:
         raise ConfigError("trace.noise_scale", None, "the noise scale must be resolved before tracing",
@@ -36,7 +38,8 @@ def make_inputs(token_ids: Sequence[int], positions: Sequence[int], answer_id: i
     positions = tuple(sorted(positions))
     noise = make_noise(settings.samples, len(positions), d_model, settings.noise_scale, settings.noise,
                        noise_seed(settings.seed, prompt, positions))
-    return TraceInputs(torch.tensor(list(token_ids), dtype=torch.long), positions, answer_id, noise)
+    return TraceInputs(torch.tensor(list(token_ids), dtype=torch.long), positions, answer_id, noise,
+                       {name: tuple(p) for name, p in (sources or {}).items()})
 
 
 def answer_token(tokenizer, answer: str) -> int:
@@ -49,7 +52,8 @@ def answer_token(tokenizer, answer: str) -> int:
 
 @dataclass
 class TraceScores:
-    """Raw outputs of a trace: p(answer) clean / corrupted and ``{name: [pos layer]}`` restored p."""
+    """Raw outputs of a trace: p(answer) clean / corrupted, ``{name: [pos layer]}`` restored p and
+    ``{knockout_<source>: [1 layer]}`` relative drops."""
 
     answer_id: int
     p_clean: float

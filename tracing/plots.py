@@ -1,4 +1,5 @@
-"""seaborn figures (PNG and PDF): per-fact heatmaps like ROME's, role x layer AIE, AIE curves, severed traces.
+"""seaborn figures (PNG and PDF): per-fact heatmaps like ROME's, role x layer AIE, AIE curves, severed
+traces, attention knockout curves.
 
 Figures are built with ``matplotlib.figure.Figure`` (no pyplot state), so plotting is safe in
 workers and notebooks alike.
@@ -15,7 +16,7 @@ from matplotlib.figure import Figure
 
 from tracing.aggregate import RoleAIE
 from tracing.result import TraceResult
-from tracing.settings import severed_key
+from tracing.settings import KNOCKOUT_SOURCES, knockout_key, severed_key
 from tracing.spans import ROLE_LABELS
 
 CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
@@ -23,6 +24,10 @@ LABELS = {"hidden": "single restored layer", "mlp": "center of {w} restored MLP 
           "attn": "center of {w} restored attention layers", "hidden_severed_mlp": "restored layer, later MLPs severed",
           "hidden_severed_attn": "restored layer, later attention severed"}
 SEVERED_LABELS = {"hidden": "no severing", "hidden_severed_mlp": "MLP severed", "hidden_severed_attn": "attention severed"}
+SOURCE_LABELS = {"subject": "subject tokens", "relation": "relation tokens", "last": "last token"}
+SOURCE_COLORS = {"subject": "tab:blue", "relation": "tab:orange", "last": "tab:gray"}
+PERSPECTIVE_COLORS = {"entity": "tab:blue", "relation": "tab:orange"}
+PERSPECTIVE_LINES = {"entity": "-", "relation": "--"}  # dashed, so coinciding knockout curves stay visible
 
 
 def save_figure(fig: Figure, path: str | Path) -> list[Path]:
@@ -65,11 +70,15 @@ def plot_trace(result: TraceResult, name: str = "hidden", path: str | Path | Non
 
 
 def plot_trace_grid(result: TraceResult, path: str | Path | None = None) -> Figure:
-    """All score tables of one fact side by side."""
-    names = sorted(result.scores, key=lambda n: (n.startswith("hidden_severed"), n != "hidden", n))
-    fig = Figure(figsize=(4.2 * len(names), max(2.5, result.n_tokens * 0.3 + 1)))
+    """All score tables of one fact side by side (and its knockout curves, if traced)."""
+    names = sorted(result.table_names, key=lambda n: (n.startswith("hidden_severed"), n != "hidden", n))
+    knocked = knockout_key(KNOCKOUT_SOURCES[0]) in result.scores
+    panels = len(names) + knocked
+    fig = Figure(figsize=(4.2 * panels, max(2.5, result.n_tokens * 0.3 + 1)))
     for i, name in enumerate(names):
-        plot_trace(result, name, ax=fig.add_subplot(1, len(names), i + 1))
+        plot_trace(result, name, ax=fig.add_subplot(1, panels, i + 1))
+    if knocked:
+        plot_fact_knockout(result, ax=fig.add_subplot(1, panels, panels))
     fig.suptitle(result.prompt, fontsize=10)
     if path is not None:
         save_figure(fig, path)
@@ -137,6 +146,41 @@ def plot_severed(aggregates: Mapping[str, RoleAIE], role: str = "last_corrupted"
     ax.set_xlabel("layer")
     ax.set_ylabel("AIE")
     ax.legend(fontsize=8)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def plot_fact_knockout(result: TraceResult, ax) -> None:
+    """One fact's relative drop in p(answer) per layer window, a line per source set."""
+    drops = result.knockout().numpy()  # [source layer]
+    for s, source in enumerate(KNOCKOUT_SOURCES):
+        ax.plot(np.arange(drops.shape[1]), drops[s], color=SOURCE_COLORS[source], label=SOURCE_LABELS[source])
+    ax.axhline(0.0, color="black", linewidth=0.5)
+    ax.set_xlabel(f"center of {result.settings.window} knocked-out layers")
+    ax.set_ylabel(f"relative change of p({result.answer.strip()})")
+    ax.set_title(f"attention knockout from the last token, p clean {result.p_clean:.3f}", fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def plot_knockout(aggregates: Sequence[RoleAIE], window: int | None = None, path: str | Path | None = None) -> Figure:
+    """Mean relative drop in p(answer) per layer window with bootstrap bands: one panel per source set,
+    one curve per aggregate (e.g. per perspective)."""
+    fig = Figure(figsize=(4.6 * len(KNOCKOUT_SOURCES), 3.4), layout="constrained")
+    for s, source in enumerate(KNOCKOUT_SOURCES):
+        ax = fig.add_subplot(1, len(KNOCKOUT_SOURCES), s + 1, sharey=fig.axes[0] if s else None)
+        for agg in aggregates:
+            r = agg.roles.index(source)
+            layers = np.arange(agg.mean.shape[1])
+            color = PERSPECTIVE_COLORS.get(agg.perspective)
+            ax.plot(layers, agg.mean[r].numpy(), color=color, linestyle=PERSPECTIVE_LINES.get(agg.perspective, "-"),
+                    label=f"{agg.perspective} ({int(agg.tokens[r])} facts)")
+            ax.fill_between(layers, agg.low[r].numpy(), agg.high[r].numpy(), color=color, alpha=0.2, linewidth=0)
+        ax.axhline(0.0, color="black", linewidth=0.5)
+        ax.set_title(f"last token cannot attend to the {SOURCE_LABELS[source]}", fontsize=9)
+        ax.set_xlabel("layer" if window is None else f"center of {window} knocked-out layers")
+        ax.legend(fontsize=7, loc="lower left")
+    fig.axes[0].set_ylabel(f"relative change of p(answer), {int(aggregates[0].confidence * 100)}% CI")
     if path is not None:
         save_figure(fig, path)
     return fig

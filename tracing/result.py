@@ -6,11 +6,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from torch import Tensor
 
-from core.errors import CacheError
+from core.errors import CacheError, DataError
 from core.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
-from tracing.settings import FORMAT_VERSION, TraceSettings
+from tracing.settings import FORMAT_VERSION, KNOCKOUT_SOURCES, TraceSettings, knockout_key
+
+KNOCKOUT_PREFIX = knockout_key("")
 from tracing.spans import Span, contiguous_spans, token_roles
 
 
@@ -19,7 +22,10 @@ class TraceResult:
     """Restored p(answer) per (token, layer) for each score name (``hidden``, ``mlp``, ``attn``,
     ``hidden_severed_mlp``, ``hidden_severed_attn``), plus everything needed to read them.
 
-    ``corrupted`` are token positions; ``char_spans`` the char spans they came from.
+    ``corrupted`` are token positions; ``char_spans`` the char spans they came from. A knockout adds
+    ``knockout_<source>`` rows ([1 layer]: relative drop in p(answer) on the clean run, NaN for a
+    source without tokens) and ``sources`` (the positions of each source set); a trace of the
+    knockout alone runs no corrupted run, so its ``p_corrupted`` is NaN.
     """
 
     prompt: str
@@ -38,6 +44,7 @@ class TraceResult:
     case_id: Optional[int] = None
     model: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    sources: dict[str, list[int]] = field(default_factory=dict)
     # True when read back from the trace cache (computed earlier, by this or another job).
     from_cache: bool = False
 
@@ -58,6 +65,19 @@ class TraceResult:
         """Indirect effect of each restoration: restored p minus corrupted p."""
         return self.scores[name] - self.p_corrupted
 
+    @property
+    def table_names(self) -> list[str]:
+        """Score names of the [pos layer] restoration tables (not the knockout rows)."""
+        return [name for name in self.scores if not name.startswith(KNOCKOUT_PREFIX)]
+
+    def knockout(self) -> Tensor:  # [source layer]
+        """Relative drops in p(answer) per source set (``KNOCKOUT_SOURCES`` order) and layer window."""
+        names = [knockout_key(source) for source in KNOCKOUT_SOURCES]
+        if not all(name in self.scores for name in names):
+            raise DataError("trace.kinds", sorted(self.scores), "this trace has no knockout",
+                            hint="trace with kinds including knockout")
+        return torch.cat([self.scores[name] for name in names])
+
     def roles(self) -> dict[str, list[int]]:
         return token_roles(self.n_tokens, self.corrupted)
 
@@ -69,7 +89,7 @@ class TraceResult:
             "perspective": self.perspective, "answer": self.answer, "answer_id": self.answer_id,
             "p_clean": self.p_clean, "p_corrupted": self.p_corrupted, "score_names": sorted(self.scores),
             "settings": self.settings.key(), "subject": self.subject, "case_id": self.case_id, "model": self.model,
-            "seconds": self.seconds,
+            "seconds": self.seconds, "sources": self.sources,
         }
 
     def save(self, directory: str | Path, stem: str = "trace") -> list[Path]:
@@ -99,4 +119,5 @@ class TraceResult:
             answer_id=meta["answer_id"], p_clean=meta["p_clean"], p_corrupted=meta["p_corrupted"],
             scores=scores, settings=TraceSettings(**settings), subject=meta["subject"],
             case_id=meta["case_id"], model=meta["model"], seconds=meta.get("seconds", 0.0),
+            sources=meta.get("sources", {}),
         )

@@ -1,4 +1,9 @@
-"""What a trace computes: kinds, window, severing, noise and samples (everything that changes a result)."""
+"""What a trace computes: kinds, window, severing, noise and samples (everything that changes a result).
+
+Kinds ``hidden`` / ``mlp`` / ``attn`` restore states of a corrupted run (ROME); ``knockout``
+blocks attention edges of the clean run (Geva et al. 2023): from the last position to one source
+set (``KNOCKOUT_SOURCES``) over the window of layers centred on each layer.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,10 @@ from typing import Any, Optional
 from core.checks import check_choice
 from core.errors import ConfigError
 
-KINDS = ("hidden", "mlp", "attn")
+RESTORED = ("hidden", "mlp", "attn")
+KINDS = RESTORED + ("knockout",)
+# Source sets whose attention edges from the last position a knockout blocks (tracing.spans.knockout_sources).
+KNOCKOUT_SOURCES = ("subject", "relation", "last")
 SEVERABLE = ("mlp", "attn")
 NOISE_DISTRIBUTIONS = ("gaussian", "uniform")
 PERSPECTIVES = ("entity", "relation")
@@ -18,6 +26,11 @@ FORMAT_VERSION = 1
 def severed_key(sublayer: str) -> str:
     """Score name of hidden-state restoration with ``sublayer`` outputs of later layers frozen."""
     return f"hidden_severed_{sublayer}"
+
+
+def knockout_key(source: str) -> str:
+    """Score name of the relative drop in p(answer) when the last position cannot attend to ``source``."""
+    return f"knockout_{source}"
 
 
 @dataclass(frozen=True)
@@ -30,7 +43,7 @@ class TraceSettings:
     whose later-layer outputs stay frozen at their corrupted values in extra hidden-state traces.
     """
 
-    kinds: tuple[str, ...] = KINDS
+    kinds: tuple[str, ...] = RESTORED
     severed: tuple[str, ...] = ()
     window: int = 10
     samples: int = 10
@@ -59,8 +72,23 @@ class TraceSettings:
             raise ConfigError("trace.noise_scale", self.noise_scale, "must be >= 0 or null", hint="null means noise_factor x embedding std")
 
     @property
+    def restored(self) -> tuple[str, ...]:
+        """The restoration kinds (hidden / mlp / attn) among ``kinds``."""
+        return tuple(kind for kind in self.kinds if kind in RESTORED)
+
+    @property
+    def table_names(self) -> tuple[str, ...]:
+        """Score names of the [pos layer] restoration tables."""
+        return self.restored + tuple(severed_key(s) for s in self.severed)
+
+    @property
+    def knockout_names(self) -> tuple[str, ...]:
+        """Score names of the knockout rows ([1 layer] each), empty unless ``knockout`` is a kind."""
+        return tuple(knockout_key(s) for s in KNOCKOUT_SOURCES) if "knockout" in self.kinds else ()
+
+    @property
     def score_names(self) -> tuple[str, ...]:
-        return self.kinds + tuple(severed_key(s) for s in self.severed)
+        return self.table_names + self.knockout_names
 
     def with_scale(self, scale: float) -> "TraceSettings":
         return TraceSettings(**{**asdict(self), "noise_scale": float(scale)})

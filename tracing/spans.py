@@ -8,7 +8,7 @@ precedes a word, and that space must not make the subject's first token part of 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from core.errors import DataError
 
@@ -128,3 +128,26 @@ def token_roles(n_tokens: int, positions: Sequence[int]) -> dict[str, list[int]]
         "further": list(range(subsequent + 1, last)),
         "last": [last],
     }
+
+
+def knockout_sources(n_tokens: int, subject_positions: Sequence[int], relation_positions: Sequence[int]) -> dict[str, list[int]]:
+    """The three disjoint source sets of an attention knockout (Geva et al. 2023), from the last position.
+
+    subject: the subject's tokens; relation: the relation tokens (``facts.perspectives`` in the
+    relation perspective, so every non-subject token or the relation phrase); last: the last token.
+    The last token belongs to ``last`` only, so a relation (or subject) that ends the prompt loses
+    it. Tokens in no char span (BOS, punctuation trimmed from a template) are never blocked. The
+    sets come from the fact, not from what a perspective corrupts, so a knockout is the same in
+    both perspectives.
+    """
+    last = n_tokens - 1
+    subject = sorted(p for p in set(subject_positions) if p != last)
+    relation = sorted(p for p in set(relation_positions) if p != last and p not in subject)
+    return {"subject": subject, "relation": relation, "last": [last]}
+
+
+def knockout_positions(tokenizer, prompt: str, char_spans: Mapping[str, Sequence[Span]]) -> dict[str, list[int]]:
+    """``knockout_sources`` of ``prompt`` from the ``subject`` and ``relation`` char spans."""
+    offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+    return knockout_sources(len(offsets), token_positions(prompt, offsets, char_spans["subject"]),
+                            token_positions(prompt, offsets, char_spans["relation"]))

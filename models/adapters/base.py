@@ -20,7 +20,12 @@ name                           activation                                      s
                                GPT-2 c_fc / GPT-J fc_in before the activation;
                                Llama up_proj, which scales hook_post linearly)
 ``hook_final_norm``            output of the final layer norm                  [batch pos d_model]
+``blocks.{l}.attn.hook_mask``  which keys each query may attend to (bool,      [batch|1 head|1
+                               True = allowed; see ``models.hooks``)           query key]
 =============================  ==============================================  ==================
+
+``hook_names`` lists the activations; ``blocks.{l}.attn.hook_mask`` is the one mask point (the
+``attention_mask`` keyword the attention module receives), used to block attention edges.
 """
 
 from __future__ import annotations
@@ -35,13 +40,17 @@ from core.errors import ModelError
 
 WeightLayout = Literal["linear", "conv1d"]
 
-_BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|mlp\.hook_post|mlp\.hook_pre)$")
+_BLOCK_NAME = re.compile(
+    r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|mlp\.hook_post|mlp\.hook_pre|attn\.hook_mask)$")
 
 
 @dataclass(frozen=True)
 class HookPoint:
+    """A module and the side hooked; ``argument`` names the keyword input hooked instead of the first input."""
+
     module_path: str
     where: Literal["input", "output"]
+    argument: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,7 @@ class ArchitectureAdapter:
             "hook_mlp_out": HookPoint(self.mlp.format(layer=layer), "output"),
             "mlp.hook_post": HookPoint(self.mlp_out.format(layer=layer), "input"),
             "mlp.hook_pre": HookPoint(self.mlp_in.format(layer=layer), "output"),
+            "attn.hook_mask": HookPoint(self.attn.format(layer=layer), "input", argument="attention_mask"),
         }
         return table[kind]
 

@@ -3,6 +3,8 @@
 A thin wrapper over ``tracing`` (a notebook calls the same functions): pick the first ``n_facts``
 facts the model knows, trace each (cached per model, perspective, fact and settings), aggregate
 AIE by token role with bootstrap intervals, draw the figures, and log tensors, table and images.
+With kind ``knockout`` the aggregate ``knockout`` holds the mean relative drop in p(answer) per
+source set (its ``role``: subject / relation / last) and layer window, with intervals over facts.
 
 Job dir: ``traces/case_<id>.{safetensors,json}``, ``aie.safetensors``, ``aie.jsonl``,
 ``figures/*.{png,pdf}``.
@@ -30,8 +32,8 @@ from pipeline.stages.common import load_configured_facts, load_configured_model,
 from pipeline.stages.config import TraceStageConfig
 from pipeline.stages.scoring import replica_config
 from tracing import TraceSettings, embedding_std, severed_key, trace_fact
-from tracing.aggregate import aggregate_aie
-from tracing.plots import plot_aie_curves, plot_role_heatmaps, plot_severed, plot_trace_grid
+from tracing.aggregate import KNOCKOUT, aggregate_aie, aggregate_knockout
+from tracing.plots import plot_aie_curves, plot_knockout, plot_role_heatmaps, plot_severed, plot_trace_grid
 from tracing.spans import check_subject_tokens
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
     stage: TraceStageConfig = OmegaConf.to_object(cfg.stage)
+    stage.trace_settings(int(cfg.seed))  # a bad kind or window fails before any data or model is loaded
     facts = load_configured_facts(cfg)  # before the model: a bad file fails in a second, not after a load
     loaded = load_configured_model(cfg)
     return with_load_summary(trace_known_facts(cfg, stage, loaded, list(facts), cfg.dataset.name, job_dir, logger), facts)
@@ -89,7 +92,9 @@ def trace_known_facts(cfg: DictConfig, stage: TraceStageConfig, loaded: LoadedMo
         raise DataError("facts", len(chosen), "every fact failed to trace", hint=skipped[0]["error"] if skipped else "")
 
     aggregates = {name: aggregate_aie(results, name, stage.n_bootstrap, stage.confidence, int(cfg.seed))
-                  for name in settings.score_names}
+                  for name in settings.table_names}
+    if settings.knockout_names:
+        aggregates[KNOCKOUT] = aggregate_knockout(results, stage.n_bootstrap, stage.confidence, int(cfg.seed))
     rows = [row for agg in aggregates.values() for row in agg.rows()]
     aie_path = atomic_save_tensors(job_dir / "aie.safetensors", {k: v for agg in aggregates.values() for k, v in agg.tensors().items()})
     atomic_write_jsonl(job_dir / "aie.jsonl", rows)
@@ -156,13 +161,18 @@ def _trace_shard(facts: list, device, *, model, cache_dir: str, repair: bool = F
 
 
 def _peaks(agg) -> dict:
-    """Largest AIE per role and the layer where it occurs (a compact summary for results.json)."""
+    """Largest AIE per role and the layer where it occurs (a compact summary for results.json);
+    for the knockout, the largest drop per source set."""
     out = {}
     for r, role in enumerate(agg.roles):
         if int(agg.tokens[r]) == 0:
             continue
-        layer = int(agg.mean[r].argmax())
-        out[role] = {"layer": layer, "aie": round(float(agg.mean[r, layer]), 5)}
+        if agg.name == KNOCKOUT:
+            layer = int(agg.mean[r].argmin())
+            out[role] = {"layer": layer, "drop": round(float(agg.mean[r, layer]), 5)}
+        else:
+            layer = int(agg.mean[r].argmax())
+            out[role] = {"layer": layer, "aie": round(float(agg.mean[r, layer]), 5)}
     return out
 
 
@@ -171,7 +181,7 @@ def _figures(results, aggregates, settings: TraceSettings, directory: Path, plot
     for result in results[:plot_facts]:
         plot_trace_grid(result, directory / f"case_{result.case_id}")
         figures.append(directory / f"case_{result.case_id}.png")
-    kinds = [aggregates[k] for k in settings.kinds]
+    kinds = [aggregates[k] for k in settings.restored]
     if kinds:
         plot_role_heatmaps(kinds, directory / "aie_roles")
         plot_aie_curves(kinds, directory / "aie_curves")
@@ -180,4 +190,7 @@ def _figures(results, aggregates, settings: TraceSettings, directory: Path, plot
         plot_severed({n: aggregates[n] for n in ("hidden", *map(severed_key, settings.severed)) if n in aggregates},
                      path=directory / "severed")
         figures.append(directory / "severed.png")
+    if KNOCKOUT in aggregates:
+        plot_knockout([aggregates[KNOCKOUT]], settings.window, directory / "knockout")
+        figures.append(directory / "knockout.png")
     return figures
