@@ -240,5 +240,6 @@ def editor_model_yaml(winner: dict[str, Any], runner_up: Optional[dict[str, Any]
     if runner_up is not None:
         comment.append("# Runner-up: " + _summary_line(runner_up).replace("`", ""))
     if base_config is not None:
-        comment.append(f"# Other keys as in conf/editor_model/{base_config.name} when it was calibrated.")
+        comment.append(f"# Other keys as in conf/editor_model/{base_config.name} when it was calibrated "
+                       "(the calibration's own editor settings: config.yaml there).")
     return "\n".join(comment) + "\n" + yaml.safe_dump(values, sort_keys=False, default_flow_style=None)
