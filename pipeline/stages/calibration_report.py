@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 import pandas as pd
 import yaml
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from core.io import atomic_write_text
 from metrics.calibration import peak, ranking, spearman
@@ -168,10 +169,16 @@ def _tracing_lines(layers: dict[str, Any], trace_info: dict[str, Any]) -> list[s
                f"no: the best eligible edit layer is {best}, {abs(best - peak_layer)} layer(s) from the peak")
     rho = layers["spearman_aie_score"]
     return lines + [
-        f"MLP AIE ({trace_info['role'].replace('_', ' ')} token, from {trace_info['source']}) peaks at layer "
+        f"MLP AIE ({role_label(trace_info['role'])}, from {trace_info['source']}) peaks at layer "
         f"{peak_layer}; the best HM of any point is at layer {layers['best_layer']}. Verdict: {verdict}. Spearman "
         f"rank correlation of AIE (at each point's last edited layer) with HM over the points: "
         f"{'—' if rho is None else f'{rho:+.2f}'} (Hase et al. 2023 found tracing does not predict where editing works).", ""]
+
+
+def role_label(role: str) -> str:
+    from tracing.spans import ROLE_LABELS
+
+    return ROLE_LABELS["entity"].get(role, role.replace("_", " "))
 
 
 # -- figure ---------------------------------------------------------------------------------------------
@@ -180,8 +187,9 @@ def figure(records: list[dict[str, Any]], points: Sequence[GridPoint], knob: str
     groups: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         groups.setdefault(_others(record["values"], knob), []).append(record)
-    fig = Figure(figsize=(5.2 * len(groups), 3.6), layout="constrained")
+    fig = Figure(figsize=(max(6.0, 4.6 * len(groups)), 4.2), layout="constrained")
     numeric = knob == "layers"
+    legend: dict[str, Any] = {}
     for i, (others, group) in enumerate(groups.items()):
         ax = fig.add_subplot(1, len(groups), i + 1)
         xs = [r["x"] for r in group] if numeric else list(range(len(group)))
@@ -194,22 +202,25 @@ def figure(records: list[dict[str, Any]], points: Sequence[GridPoint], knob: str
             ax.scatter(*zip(*bad), marker="x", s=80, color="red", zorder=5, label="ineligible")
         if winner is not None and winner in group:
             ax.axvline(xs[group.index(winner)], color="black", linestyle=":", label="winner")
-        ax.set_ylim(-0.02, 1.1)
+        ax.set_ylim(-0.02, max(1.1, *(1.05 - r["fluency_drop"] for r in group if math.isfinite(r["fluency_drop"]))))
         ax.set_xlabel("last edited layer" if numeric else knob)
         if not numeric:
             ax.set_xticks(xs, [format_value(r["x"]) for r in group])
         ax.set_title(others or title, fontsize=9)
+        if numeric:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if numeric and aie is not None:
             twin = ax.twinx()
-            twin.plot(range(len(aie)), aie, color="tab:purple", alpha=0.6, label="MLP AIE")
+            twin.plot(range(len(aie)), aie, color="tab:purple", alpha=0.7, label="MLP AIE (right axis)")
             twin.fill_between(range(len(aie)), 0, aie, color="tab:purple", alpha=0.12)
-            twin.set_ylabel(f"MLP AIE ({trace_info['role'].replace('_', ' ')})", color="tab:purple")
-        if i == 0:
-            handles, labels = ax.get_legend_handles_labels()
-            if numeric and aie is not None:
-                more = twin.get_legend_handles_labels()
-                handles, labels = handles + more[0], labels + more[1]
-            ax.legend(handles, labels, fontsize=7, loc="lower left")
+            top = peak(dict(enumerate(aie)))
+            if top is not None:
+                twin.axvline(top, color="tab:purple", linestyle="--", linewidth=1, label="AIE peak")
+            twin.set_ylabel(f"MLP AIE ({role_label(trace_info['role'])})", color="tab:purple")
+        for axis in fig.axes[-2:] if numeric and aie is not None else [ax]:
+            for handle, label in zip(*axis.get_legend_handles_labels()):
+                legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), fontsize=7, loc="outside lower center", ncol=5)
     fig.suptitle(title, fontsize=10)
     return fig
 
@@ -242,4 +253,11 @@ def editor_model_yaml(winner: dict[str, Any], runner_up: Optional[dict[str, Any]
     if base_config is not None:
         comment.append(f"# Other keys as in conf/editor_model/{base_config.name} when it was calibrated "
                        "(the calibration's own editor settings: config.yaml there).")
-    return "\n".join(comment) + "\n" + yaml.safe_dump(values, sort_keys=False, default_flow_style=None)
+    return "\n".join(comment) + "\n" + yaml.dump(values, Dumper=_ConfDumper, sort_keys=False, default_flow_style=False)
+
+
+class _ConfDumper(yaml.SafeDumper):
+    """The hand-written files' style: lists inline (``layers: [6]``), mappings as blocks."""
+
+
+_ConfDumper.add_representer(list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))

@@ -200,10 +200,6 @@ UNCALIBRATED_EDITORS = {"mend": "MEND's knobs are trained, not set: sweep its tr
                         "none": "there is no edit to calibrate"}
 
 
-def _train_dataset() -> DatasetConfig:
-    return DatasetConfig(name="counterfact", split="train", limit=200)
-
-
 @dataclass
 class CalibrateStageConfig(EditStageConfig):
     """``stage=calibrate``: a grid search of the editor's own knobs on training cases (``pipeline.stages.calibrate``).
@@ -214,7 +210,7 @@ class CalibrateStageConfig(EditStageConfig):
 
     name: str = "calibrate"
     # The facts: edits use the first n_cases (editable ones), the trace the first trace.n_facts known ones.
-    dataset: DatasetConfig = field(default_factory=_train_dataset)
+    dataset: DatasetConfig = MISSING
     # editor name -> {editor config key: list of values, or "auto" for layers}; the grid is their product.
     search: dict[str, dict[str, Any]] = MISSING
     # "auto" layers: at most this many, evenly strided (30 layers, 15 points: every 2nd layer).
@@ -228,7 +224,7 @@ class CalibrateStageConfig(EditStageConfig):
     max_collapse_rate: float = MISSING
     # MLP AIE by layer for the figure: a finished trace job dir (its aie.safetensors), or null to trace
     # stage.trace.n_facts known facts of the same dataset here (cached per fact).
-    trace_dir: Optional[str] = None
+    trace_dir: Optional[str] = MISSING
     aie_role: str = MISSING
     trace: TraceStageConfig = field(default_factory=TraceStageConfig)
 
