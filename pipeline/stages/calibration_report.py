@@ -248,8 +248,8 @@ def editor_model_yaml(winner: dict[str, Any], runner_up: Optional[dict[str, Any]
         f"# and with at most {settings.max_collapse_rate:.0%} of edits collapsed.",
         "# Winner:    " + _summary_line(winner).replace("`", ""),
     ]
-    if runner_up is not None:
-        comment.append("# Runner-up: " + _summary_line(runner_up).replace("`", ""))
+    comment.append("# Runner-up: " + (_summary_line(runner_up).replace("`", "") if runner_up is not None else
+                                      "none eligible (calibration.md lists why each point failed)"))
     if base_config is not None:
         comment.append(f"# Other keys as in conf/editor_model/{base_config.name} when it was calibrated "
                        "(the calibration's own editor settings: config.yaml there).")
