@@ -97,6 +97,7 @@ SCHEMAS: list[tuple[str | None, str, str]] = [
     ("stage", "trace_schema", "pipeline.stages.config:TraceStageConfig"),
     ("stage", "evaluate_schema", "pipeline.stages.config:EvaluateStageConfig"),
     ("stage", "full_schema", "pipeline.stages.config:FullStageConfig"),
+    ("stage", "calibrate_schema", "pipeline.stages.config:CalibrateStageConfig"),
 ]
 
 

@@ -243,7 +243,43 @@ INPUT_CASES: list[BadInput] = [
              lambda c: load_facts(DatasetConfig(name="counterfact", path=str(_dir(c, "d")))), DataError, "dataset.path"),
 ]
 
-CASES = JOB_CASES + CACHE_CASES + INPUT_CASES
+# --- stage=calibrate: search spaces and settings, refused before the model loads (pipeline/stages/grid.py) ---
+def _calibrate(c: BadInputContext, *overrides: str) -> dict:
+    return c.job("stage=calibrate", "editor=rome", *overrides)
+
+
+def _install(c: BadInputContext) -> Any:
+    from pipeline.calibrate_install import install
+
+    return install(_dir(c, "unfinished_job"), _dir(c, "conf"))
+
+
+CALIBRATE_CASES: list[BadInput] = [
+    BadInput("calibrate: a typo'd knob", lambda c: _calibrate(c, "+stage.search.rome.layerz=[[1]]"),
+             ConfigError, "stage.search.rome.layerz"),
+    BadInput("calibrate: a typo'd knob (command line, compose time)",
+             lambda c: c.compose("stage=calibrate", "stage.search.rome.layerz=[[1]]"), ConfigCompositionException,
+             "stage.search.rome.layerz"),
+    BadInput("calibrate: auto for a knob other than layers",
+             lambda c: _calibrate(c, "stage.search.rome.clamp_norm_factor=auto"), ConfigError, "stage.search.rome.clamp_norm_factor"),
+    BadInput("calibrate: a knob given one value, not a list", lambda c: _calibrate(c, "+stage.search.rome.v_lr=0.5"),
+             ConfigError, "stage.search.rome.v_lr"),
+    BadInput("calibrate: no search space for the editor", lambda c: _calibrate(c, "~stage.search.rome"),
+             ConfigError, "stage.search"),
+    BadInput("calibrate: editor=mend", lambda c: c.job("stage=calibrate", "editor=mend"), ConfigError, "editor"),
+    BadInput("calibrate: the evaluation split", lambda c: _calibrate(c, "stage.dataset.split=edit"),
+             ConfigError, "stage.dataset.split"),
+    BadInput("calibrate: relation perspective", lambda c: _calibrate(c, "perspective=relation"), ConfigError, "perspective"),
+    BadInput("calibrate: quality off (no fluency floor)", lambda c: _calibrate(c, "stage.quality.enabled=false"),
+             ConfigError, "stage.quality.enabled"),
+    BadInput("calibrate: max_fluency_drop=2", lambda c: _calibrate(c, "stage.max_fluency_drop=2"),
+             ConfigError, "stage.max_fluency_drop"),
+    BadInput("calibrate: trace_dir without aie.safetensors",
+             lambda c: _calibrate(c, f"stage.trace_dir={_dir(c, 'not_a_trace')}"), ConfigError, "stage.trace_dir"),
+    BadInput("calibrate_install: an unfinished job dir", _install, DataError, "job_dir"),
+]
+
+CASES = JOB_CASES + CACHE_CASES + INPUT_CASES + CALIBRATE_CASES
 
 
 @pytest.fixture()

@@ -7,7 +7,7 @@ not import torch: each stage module imports its settings from here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from omegaconf import MISSING
 
@@ -193,6 +193,66 @@ class TrainMendStageConfig(MendTrainConfig):
         check_choice("stage.precision", self.precision, PRECISIONS, "unknown precision")
         if self.train_limit is not None and self.train_limit < 1:
             raise ConfigError("stage.train_limit", self.train_limit, "must be >= 1 or null")
+
+
+CALIBRATION_SPLITS = ("train", "val")  # never the edit split the edit stage evaluates
+UNCALIBRATED_EDITORS = {"mend": "MEND's knobs are trained, not set: sweep its training jobs instead",
+                        "none": "there is no edit to calibrate"}
+
+
+@dataclass
+class CalibrateStageConfig(EditStageConfig):
+    """``stage=calibrate``: a grid search of the editor's own knobs on training cases (``pipeline.stages.calibrate``).
+
+    The edit settings (``n_cases``, ``edit_batch_size``, ``quality``, scoring) are the edit stage's and mean
+    the same; the values below are set in ``conf/stage/calibrate.yaml`` (their one place).
+    """
+
+    name: str = "calibrate"
+    # The facts: edits use the first n_cases (editable ones), the trace the first trace.n_facts known ones.
+    dataset: DatasetConfig = MISSING
+    # editor name -> {editor config key: list of values, or "auto" for layers}; the grid is their product.
+    search: dict[str, dict[str, Any]] = MISSING
+    # "auto" layers: at most this many, evenly strided (30 layers, 15 points: every 2nd layer).
+    auto_points: int = MISSING
+    # editor -> window: its "auto" layers are windows of this many consecutive layers ending at each auto
+    # layer (MEMIT spreads an edit over a window); 1 for editors not listed.
+    auto_window: dict[str, int] = MISSING
+    # A point is eligible only if its mean fluency falls by at most this fraction of the unedited
+    # model's and at most this fraction of its edits collapsed (stage.quality.collapse).
+    max_fluency_drop: float = MISSING
+    max_collapse_rate: float = MISSING
+    # MLP AIE by layer for the figure: a finished trace job dir (its aie.safetensors), or null to trace
+    # stage.trace.n_facts known facts of the same dataset here (cached per fact).
+    trace_dir: Optional[str] = MISSING
+    aie_role: str = MISSING
+    trace: TraceStageConfig = field(default_factory=TraceStageConfig)
+
+    def validate(self, prefix: str = "stage") -> None:
+        super().validate(prefix)
+        if self.dataset.name.startswith("counterfact"):  # a user file has no splits: its cases are the user's choice
+            check_choice(f"{prefix}.dataset.split", self.dataset.split, CALIBRATION_SPLITS,
+                         "calibration must not see the cases the edit stage evaluates")
+        if not self.quality.enabled:
+            raise ConfigError(f"{prefix}.quality.enabled", False, "the fluency floor needs the fluency scores",
+                              "keep stage.quality.enabled=true")
+        if self.auto_points < 1:
+            raise ConfigError(f"{prefix}.auto_points", self.auto_points, "must be >= 1")
+        for editor, window in self.auto_window.items():
+            if window < 1:
+                raise ConfigError(f"{prefix}.auto_window.{editor}", window, "must be >= 1")
+        for key in ("max_fluency_drop", "max_collapse_rate"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"{prefix}.{key}", getattr(self, key), "must be in [0, 1]", "e.g. 0.05")
+        from tracing.spans import ROLES
+
+        check_choice(f"{prefix}.aie_role", self.aie_role, ROLES, "unknown token role")
+
+    def edit_settings(self) -> EditStageConfig:
+        """The edit stage's settings these hold (``compute_edits`` scores every point with them)."""
+        from dataclasses import fields
+
+        return EditStageConfig(**{f.name: getattr(self, f.name) for f in fields(EditStageConfig) if f.name != "name"})
 
 
 def _known_dataset() -> DatasetConfig:

@@ -65,13 +65,25 @@ class EditProgress:
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
 
+    PRE = "pre.jsonl"
+
     def pre(self, compute) -> list[dict[str, Any]]:
-        path = self.directory / "pre.jsonl"
+        path = self.directory / self.PRE
         if path.exists():
             return read_jsonl(path)
         rows = compute()
         atomic_write_jsonl(path, rows)
         return rows
+
+    def stored_pre(self) -> Optional[list[dict[str, Any]]]:
+        """The pre-edit rows, if they were scored (they depend on the cases and the model, not the editor)."""
+        path = self.directory / self.PRE
+        return read_jsonl(path) if path.exists() else None
+
+    def seed_pre(self, rows: list[dict[str, Any]]) -> None:
+        """Reuse pre-edit rows of the same cases and model (``stage=calibrate``: one scoring for every grid point)."""
+        if not (self.directory / self.PRE).exists():
+            atomic_write_jsonl(self.directory / self.PRE, rows)
 
     def group(self, index: int, case_ids: list, compute) -> list[tuple[dict, dict]]:
         path = self.directory / f"group_{index:05d}.json"
