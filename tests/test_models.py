@@ -70,6 +70,12 @@ def test_hooks_replace_and_always_remove(tiny_gpt2):
     model, adapter = tiny_gpt2.model, tiny_gpt2.adapter
     inputs = _encode(tiny_gpt2)
     clean = model(**inputs).logits
+
+    def installed() -> set:  # transformers installs its own output-capturing hooks once output_attentions is used
+        return {(name, kind, key) for name, m in model.named_modules()
+                for kind, hooks in (("fwd", m._forward_hooks), ("pre", m._forward_pre_hooks)) for key in hooks}
+
+    before = installed()
     with Hooks(model, adapter, {"blocks.0.hook_mlp_out": lambda t, n: torch.zeros_like(t)}):
         patched = model(**inputs).logits
     assert not torch.allclose(clean, patched)
@@ -78,7 +84,7 @@ def test_hooks_replace_and_always_remove(tiny_gpt2):
         with Hooks(model, adapter, {"blocks.0.hook_mlp_out": lambda t, n: torch.zeros_like(t)}):
             raise RuntimeError("boom")
     torch.testing.assert_close(model(**inputs).logits, clean)
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert installed() == before
 
 
 def test_stop_after_ends_the_forward(tiny_gpt2):
