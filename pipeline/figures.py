@@ -38,6 +38,8 @@ from core.errors import ConfigError, DataError
 from core.io import atomic_path, atomic_write_json, atomic_write_text, load_tensors, read_json
 from metrics.plots import plot_editing
 from pipeline.jobs import finished_steps
+from pipeline.paired import trace_stem
+from pipeline.stages.trace import PER_FACT
 from tracing import severed_key
 from tracing.aggregate import RoleAIE
 from tracing.plots import plot_aie_curves, plot_role_heatmaps, plot_severed, save_figure
@@ -47,12 +49,6 @@ log = logging.getLogger(__name__)
 KINDS = ("hidden", "mlp", "attn")
 SEVERED = ("hidden", severed_key("mlp"), severed_key("attn"))
 RELATION_SPANS = ("template", "phrase")
-PER_FACT = "per_fact"  # a trace job's per_fact.{safetensors,json} (pipeline.stages.trace)
-
-
-def trace_stem(perspective: str, relation_span: str = "template") -> str:
-    """``trace_entity``, ``trace_relation`` (template spans) or ``trace_relation_phrase``."""
-    return f"trace_{perspective}" + ("_phrase" if perspective == "relation" and relation_span == "phrase" else "")
 
 
 def trace_job(sweep_dir: Path, perspective: str, relation_span: str = "template") -> Path:

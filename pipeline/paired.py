@@ -43,7 +43,16 @@ BANDS = ("lower", "middle", "upper")
 MIN_PAIRED_FACTS = 100  # below this, no verdict: "too few facts (n=..)"
 N_RESAMPLES = 1000
 SEED = 0
-VARIANTS = {"entity": "trace_entity", "relation": "trace_relation", "relation_phrase": "trace_relation_phrase"}
+
+
+def trace_stem(perspective: str, relation_span: str = "template") -> str:
+    """File stem of a trace job's figures: ``trace_entity``, ``trace_relation`` (template tokens) or
+    ``trace_relation_phrase`` (``pipeline.figures trace --relation-span phrase``)."""
+    return f"trace_{perspective}" + ("_phrase" if perspective == "relation" and relation_span == "phrase" else "")
+
+
+VARIANTS = {"entity": trace_stem("entity"), "relation": trace_stem("relation"),
+            "relation_phrase": trace_stem("relation", "phrase")}
 VARIANT_LABELS = {"entity": "entity", "relation": "relation (template tokens)",
                   "relation_phrase": "relation (phrase tokens)"}
 

@@ -327,11 +327,13 @@ def _study_section(directory: Path, stats: list, figure) -> list[str]:
         meta_path = directory / f"{stem}.json"
         if meta_path.exists():
             meta = read_json(meta_path)
-            settings = meta.get("settings", {})
-            lines.append(f"- {VARIANT_LABELS[variant]}: {meta.get('n_facts', '?')} facts of {meta.get('model', '?')}, "
-                         f"{meta.get('n_layers', '?')} layers; {settings.get('samples', '?')} noise samples, window "
-                         f"{settings.get('window', '?')}, kinds {settings.get('kinds', '?')}, severed "
-                         f"{settings.get('severed', '?')}; sample: {meta.get('sample') or 'the first known facts'}.")
+            settings, sample = meta.get("settings", {}), meta.get("sample")
+            drawn = (f"a seeded random sample of {sample['size']} known facts (seed {sample['seed']})" if sample
+                     else "the first known facts")
+            lines.append(f"- {VARIANT_LABELS[variant]}: {meta.get('n_facts', '?')} facts of {meta.get('model', '?')} "
+                         f"({drawn}), {meta.get('n_layers', '?')} layers; {settings.get('samples', '?')} noise samples, "
+                         f"window {settings.get('window', '?')}, kinds {', '.join(settings.get('kinds', []))}, severed "
+                         f"{', '.join(settings.get('severed', [])) or 'none'}.")
     lines += [""] + statistics_table(stats) + [""]
     for variant, stem in VARIANTS.items():
         lines += figure(f"{stem}_roles.png", f"{VARIANT_LABELS[variant]}: AIE by token role and layer", directory)
