@@ -142,6 +142,9 @@ def study(tmp_path_factory, tiny_gpt2, monkeypatch_module):
     from pipeline.config import register_configs
 
     _no_drawing(monkeypatch_module)
+    import pipeline.stages.trace  # the session's tiny model, not a fresh build per job (the same config)
+
+    monkeypatch_module.setattr(pipeline.stages.trace, "load_configured_model", lambda cfg: tiny_gpt2)
     root = tmp_path_factory.mktemp("study")
     # A fresh trace cache (what resuming reads), sharing the converted embedded checkpoint (the tokenizer)
     (root / "cache").mkdir()
