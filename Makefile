@@ -11,7 +11,7 @@ MODEL ?= smollm2_135m
 RUN := $(PY) -m pipeline.run
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench clean-outputs help figures fig-trace-entity fig-trace-relation fig-severed fig-knockout table-editing train-mend report
+.PHONY: setup demo test test-fast bench clean-outputs help figures fig-trace-entity fig-trace-relation fig-severed fig-knockout table-editing train-mend report study
 
 help:
 	@echo "make demo       set up .venv and run the main job on the embedded SmolLM2 (a few minutes on 2 cores)"
@@ -20,7 +20,10 @@ help:
 	@echo "make bench      speed benchmarks (BENCH_ARGS=--gpu for the GPU cases)"
 	@echo "make figures    the paper's figures and editing table for MODEL (default $(MODEL)) into outputs/figures/MODEL/"
 	@echo "                (fig-trace-entity, fig-trace-relation, fig-severed, fig-knockout, table-editing one by one)"
+	@echo "make study      trace a seeded sample of 100 known facts (STUDY_SAMPLE=all: every one) from both perspectives"
+	@echo "                with the paper's settings; figures into outputs/figures/MODEL/study/ (resumes fact by fact)"
 	@echo "make report     outputs/reports/MODEL/report.md: our figures and tables vs the paper, a verdict per claim"
+	@echo "                (tracing claims decided per fact from make study's traces)"
 
 setup: $(VENV)/.setup-done
 
@@ -92,6 +95,30 @@ table-editing: setup $(if $(findstring mend,$(EDITORS)),train-mend)
 
 figures: fig-trace-entity fig-trace-relation fig-severed fig-knockout table-editing
 	@echo "figures and tables: $(FIG_DIR)/"
+
+# The tracing claims decided per fact: three trace jobs in sweep study_<MODEL> (entity; relation with
+# perspective.relation_span=template and =phrase) with the paper's settings (conf/experiment/stage/study_trace.yaml:
+# 10 noise samples, window 10, hidden/MLP/attention, MLP- and attention-severed) on a seeded sample of known facts,
+# the same facts for every job. Each fact's trace is cached as it finishes, so a killed study resumes fact by fact.
+#   make study                      the seeded sample (100 facts; STUDY_SAMPLE=N for another size)
+#   make study STUDY_SAMPLE=all     every known fact
+#   make study TRACE_FACTS=3        a quick check: the sample's first 3 facts (jobs of their own)
+STUDY_SWEEP_DIR = outputs/sweeps/study_$(MODEL)
+STUDY_DIR = $(FIG_DIR)/study
+STUDY_SAMPLE ?=
+STUDY_ARGS = $(if $(filter command line environment,$(origin TRACE_FACTS)),stage.n_facts=$(TRACE_FACTS)) \
+	$(if $(STUDY_SAMPLE),stage.sample=$(if $(filter all,$(STUDY_SAMPLE)),null,$(STUDY_SAMPLE)))
+STUDY_JOB = $(RUN) -m experiment=study model=$(MODEL) sweep_name=study_$(MODEL) $(STUDY_ARGS) $(FIG_ARGS)
+STUDY_FIG = $(FIGURES) trace --sweep-dir $(STUDY_SWEEP_DIR) --out $(STUDY_DIR)
+
+study: setup
+	$(STUDY_JOB) perspective=entity,relation
+	$(STUDY_JOB) perspective=relation perspective.relation_span=phrase
+	$(STUDY_FIG) --perspective entity
+	$(STUDY_FIG) --perspective relation
+	$(STUDY_FIG) --perspective relation --relation-span phrase
+	$(FIGURES) severed --sweep-dir $(STUDY_SWEEP_DIR) --out $(STUDY_DIR)
+	@echo "study figures: $(STUDY_DIR)/ (make report decides the tracing claims from them)"
 
 report: setup
 	$(PY) -m pipeline.report --figures-dir $(FIG_DIR) --out outputs/reports/$(MODEL)/report.md

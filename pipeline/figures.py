@@ -4,8 +4,11 @@ Reads job dirs of a sweep (``results.json`` done-markers, never half-finished jo
 one folder per model (``outputs/figures/<model>/``), atomically:
 
 - ``trace_<perspective>_{roles,curves}.{png,pdf}``, ``trace_<perspective>_aie.csv`` (AIE by role and
-  layer with bootstrap bounds, every score name) and ``trace_<perspective>.json`` (model, layers,
-  facts, p_clean / p_corrupted, settings);
+  layer with bootstrap bounds, every score name), ``trace_<perspective>.json`` (model, layers,
+  facts, p_clean / p_corrupted, settings) and, from jobs that keep it, ``trace_<perspective>_per_fact.
+  {safetensors,json}`` (each fact's AIE by layer at the last corrupted token: ``pipeline.paired``).
+  ``--relation-span phrase`` picks the relation job traced with ``perspective.relation_span=phrase``
+  and writes ``trace_relation_phrase_*``;
 - ``severed.{png,pdf}``: hidden-state AIE at the last corrupted token with nothing / MLP / attention
   severed, one panel per perspective;
 - ``knockout.{png,pdf}``, ``knockout.csv``, ``knockout.json``: attention knockout (Geva et al. 2023),
@@ -18,6 +21,7 @@ one folder per model (``outputs/figures/<model>/``), atomically:
   intervals and the relation side's strict top-1 (``metrics.plots``).
 
     python -m pipeline.figures trace --sweep-dir outputs/sweeps/<s> --perspective entity --out outputs/figures/<m>
+    python -m pipeline.figures trace --sweep-dir outputs/sweeps/<s> --perspective relation --relation-span phrase --out ...
     python -m pipeline.figures severed --sweep-dir outputs/sweeps/<s> --out outputs/figures/<m>
     python -m pipeline.figures knockout --sweep-dir outputs/sweeps/<s> --out outputs/figures/<m>
     python -m pipeline.figures table --sweep-dir outputs/sweeps/<s> --out outputs/figures/<m>
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -36,9 +41,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from core.errors import ConfigError, DataError
-from core.io import atomic_write_json, atomic_write_text, load_tensors, read_json
+from core.io import atomic_path, atomic_write_json, atomic_write_text, load_tensors, read_json
 from metrics.plots import plot_editing
 from pipeline.jobs import finished_steps
+from pipeline.paired import trace_stem
+from pipeline.stages.trace import PER_FACT
 from tracing import severed_key
 from tracing.aggregate import KNOCKOUT, RoleAIE
 from tracing.plots import plot_aie_curves, plot_knockout, plot_role_heatmaps, plot_severed, save_figure
@@ -47,24 +54,30 @@ log = logging.getLogger(__name__)
 
 KINDS = ("hidden", "mlp", "attn")
 SEVERED = ("hidden", severed_key("mlp"), severed_key("attn"))
+RELATION_SPANS = ("template", "phrase")
 
 
-def trace_job(sweep_dir: Path, perspective: str, kinds: Sequence[str] | None = None) -> Path:
-    """The newest finished ``stage=trace`` job of ``perspective`` in the sweep (that traced any of ``kinds``, if given)."""
-    jobs = [job_dir for job_dir, _, results in finished_steps(sweep_dir, "trace", include_full=False)
+def trace_job(sweep_dir: Path, perspective: str, relation_span: str = "template", kinds: Sequence[str] | None = None) -> Path:
+    """The finished ``stage=trace`` job of ``perspective`` (relation: of ``relation_span``) in the sweep that
+    traced any of ``kinds`` (if given), with the most traced facts, the newest among equals (a quick check
+    never hides the full run)."""
+    jobs = [(job_dir, results) for job_dir, _, results in finished_steps(sweep_dir, "trace", include_full=False)
             if results.get("perspective") == perspective
+            and (perspective != "relation" or results.get("relation_span", "template") == relation_span)
             and (kinds is None or set(kinds) & set(results.get("settings", {}).get("kinds", [])))]
     if not jobs:
         knockout = kinds is not None and KNOCKOUT in kinds
+        span = f" perspective.relation_span={relation_span}" if perspective == "relation" else ""
         target = "fig-knockout" if knockout else f"fig-trace-{perspective}"
-        command = f"python -m pipeline.run stage=trace perspective={perspective}"
+        command = f"python -m pipeline.run stage=trace perspective={perspective}{span}"
         command += " 'stage.kinds=[knockout]'" if knockout else ""
-        raise DataError("sweep_dir", str(sweep_dir), f"holds no finished trace job for perspective={perspective}"
+        raise DataError("sweep_dir", str(sweep_dir), f"holds no finished trace job for perspective={perspective}{span}"
                         + (f" tracing any of {', '.join(kinds)}" if kinds else ""), hint=f"run: make {target} (or {command})")
-    jobs.sort(key=lambda job: (job / "results.json").stat().st_mtime, reverse=True)
+    jobs.sort(key=lambda job: (job[1].get("n_traced", 0), (job[0] / "results.json").stat().st_mtime), reverse=True)
     if len(jobs) > 1:
-        log.warning("%d trace jobs for %s in %s; using the newest, %s", len(jobs), perspective, sweep_dir, jobs[0].name)
-    return jobs[0]
+        log.warning("%d trace jobs for %s in %s; using the one with the most facts, %s", len(jobs), perspective,
+                    sweep_dir, jobs[0][0].name)
+    return jobs[0][0]
 
 
 def job_aggregates(job_dir: Path) -> tuple[dict[str, RoleAIE], dict]:
@@ -83,25 +96,40 @@ def job_aggregates(job_dir: Path) -> tuple[dict[str, RoleAIE], dict]:
     meta = {"model": summary["model"], "n_layers": int(tensors[f"{names[0]}.mean"].shape[1]),
             "n_facts": summary["n_traced"], "p_clean": summary["p_clean"], "p_corrupted": summary["p_corrupted"],
             "perspective": summary["perspective"], "relation_span": summary.get("relation_span"),
-            "settings": summary["settings"], "job": str(job_dir)}
+            "settings": summary["settings"], "sample": summary.get("sample"), "job": str(job_dir)}
     return aggregates, meta
 
 
-def write_trace(sweep_dir: Path, perspective: str, out: Path) -> list[Path]:
-    aggregates, meta = job_aggregates(trace_job(sweep_dir, perspective, KINDS))  # not a knockout-only job
+def write_trace(sweep_dir: Path, perspective: str, out: Path, relation_span: str = "template") -> list[Path]:
+    job = trace_job(sweep_dir, perspective, relation_span, KINDS)  # not a knockout-only job
+    aggregates, meta = job_aggregates(job)
     kinds = [aggregates[name] for name in KINDS if name in aggregates]
-    stem = out / f"trace_{perspective}"
+    name = trace_stem(perspective, relation_span)
+    stem = out / name
     paths = save_figure(plot_role_heatmaps(kinds), f"{stem}_roles") + save_figure(plot_aie_curves(kinds), f"{stem}_curves")
     rows = [row for agg in aggregates.values() for row in agg.rows()]
-    paths.append(atomic_write_text(out / f"trace_{perspective}_aie.csv", pd.DataFrame(rows).to_csv(index=False)))
-    paths.append(atomic_write_json(out / f"trace_{perspective}.json", meta))
+    paths.append(atomic_write_text(out / f"{name}_aie.csv", pd.DataFrame(rows).to_csv(index=False)))
+    paths.append(atomic_write_json(out / f"{name}.json", meta))
+    if (job / f"{PER_FACT}.safetensors").exists():
+        paths += [_copy(job / f"{PER_FACT}.{ext}", out / f"{name}_{PER_FACT}.{ext}") for ext in ("safetensors", "json")]
+    else:  # an older job: the report falls back to marginal intervals for it
+        log.warning("%s has no %s.safetensors (traced by an older version): no paired statistics for it", job, PER_FACT)
+        for ext in ("safetensors", "json"):
+            (out / f"{name}_{PER_FACT}.{ext}").unlink(missing_ok=True)
     return paths
 
 
+def _copy(source: Path, target: Path) -> Path:
+    with atomic_path(target) as temp:
+        shutil.copyfile(source, temp)
+    return target
+
+
 def write_severed(sweep_dir: Path, out: Path, perspectives: Sequence[str] = ("entity", "relation")) -> list[Path]:
+    """One panel per perspective; the relation panel is the ``relation_span=template`` job's."""
     panels = []
     for perspective in perspectives:
-        aggregates, _ = job_aggregates(trace_job(sweep_dir, perspective, ("hidden",)))
+        aggregates, _ = job_aggregates(trace_job(sweep_dir, perspective, kinds=("hidden",)))
         present = {name: aggregates[name] for name in SEVERED if name in aggregates}
         if len(present) < 2:
             raise DataError("stage.severed", False, f"the {perspective} trace job has no severed traces",
@@ -118,7 +146,7 @@ def write_knockout(sweep_dir: Path, out: Path, perspectives: Sequence[str] = ("e
     found, metas, missing = [], [], []
     for perspective in perspectives:
         try:
-            aggregates, meta = job_aggregates(trace_job(sweep_dir, perspective, (KNOCKOUT,)))
+            aggregates, meta = job_aggregates(trace_job(sweep_dir, perspective, kinds=(KNOCKOUT,)))
         except DataError as err:
             missing.append(err)
             continue
@@ -157,6 +185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     parser.add_argument("--sweep-dir", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path, help="e.g. outputs/figures/<model>")
     parser.add_argument("--perspective", choices=("entity", "relation"), help="for trace")
+    parser.add_argument("--relation-span", choices=RELATION_SPANS, default="template",
+                        help="for trace --perspective relation: the job traced with this perspective.relation_span")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s][%(levelname)s] - %(message)s")
     if not args.sweep_dir.is_dir():
@@ -165,7 +195,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     if args.artefact == "trace":
         if args.perspective is None:
             raise ConfigError("--perspective", None, "trace needs a perspective", hint="--perspective entity or relation")
-        paths = write_trace(args.sweep_dir, args.perspective, args.out)
+        paths = write_trace(args.sweep_dir, args.perspective, args.out, args.relation_span)
     elif args.artefact == "severed":
         paths = write_severed(args.sweep_dir, args.out)
     elif args.artefact == "knockout":

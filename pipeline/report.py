@@ -6,11 +6,13 @@ report then names the make target that produces it instead of failing. Claims ar
 the frames, so tests can hand them synthetic data.
 
 Layer bands, as fractions of ``n_layers``: lower ``l < n/3``, middle ``n/3 <= l < 2n/3``, upper
-``l >= 2n/3``. Verdicts use the 95% intervals: a band claim is ``supported`` when the peak layer lies
-in the claimed bands, its interval excludes 0, and it lies above the interval of the best layer
-outside those bands (``not supported``: the same, with the peak outside); anything in between, or
-fewer than ``MIN_FACTS`` facts / ``MIN_CASES`` cases, is ``inconclusive``. Edit claims: see
-``transfer_claim``.
+``l >= 2n/3``. The tracing claims are decided per fact (``pipeline.paired``: paired differences with
+bootstrap intervals and the minimum detectable effect) from the per-fact files of ``make study``
+(``<figures-dir>/study/``) or, failing those, of ``make fig-trace-*``. Traces without per-fact data
+(older jobs) fall back, with a note, to marginal 95% intervals: a band claim is ``supported`` when
+the peak layer lies in the claimed bands, its interval excludes 0, and it lies above the interval of
+the best layer outside those bands (``not supported``: the same, with the peak outside); anything
+in between, or fewer than ``MIN_FACTS`` facts, is ``inconclusive``. Edit claims: see ``transfer_claim``.
 
     python -m pipeline.report --figures-dir outputs/figures/<model> --out outputs/reports/<model>/report.md
 """
@@ -20,24 +22,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import pandas as pd
 
-from core.errors import DataError
+from core.errors import ConfigError, DataError
 from core.io import atomic_write_text, read_json
 from metrics.paper import PAPER_CLAIMS, PAPER_EDITING, PAPER_MODEL, PAPER_SOURCE
+from pipeline.paired import (INCONCLUSIVE, N_RESAMPLES, NOT_SUPPORTED, SEED, SUPPORTED, UPPER_START, VARIANT_LABELS,
+                             VARIANTS, Claim, band, has_per_fact, load_variants, method_note, paired_claims,
+                             statistics_table)
 
 log = logging.getLogger(__name__)
 
-SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
-MIN_FACTS = 10  # fewer traced facts than this: intervals are not worth a verdict
+MIN_FACTS = 10  # marginal fallback: fewer traced facts than this are not worth a verdict
 MIN_CASES = 10  # likewise for edit cases
-MIDDLE_START, UPPER_START = 1 / 3, 2 / 3
+STUDY = "study"  # make study's figures: <figures-dir>/study/
 TRANSFER_SHARE = 0.5  # "comparable" transfer: the other side closes at least half the share of its headroom
 PERSPECTIVES = ("entity", "relation")
 ROLE = "last_corrupted"  # last subject token (entity) / last relation token (relation)
@@ -52,19 +54,6 @@ INPUTS: dict[str, str] = {
 }
 TRACE_COLUMNS = {"name", "perspective", "role", "layer", "aie", "low", "high", "tokens", "n_facts"}
 EDIT_COLUMNS = {"job", "editor", "perspective", "n_cases", "side", "metric", "stage", "mean", "low", "high", "n"}
-
-
-@dataclass(frozen=True)
-class Claim:
-    key: str
-    verdict: str
-    sentence: str
-
-
-def band(layer: int, n_layers: int) -> str:
-    if layer < MIDDLE_START * n_layers:
-        return "lower"
-    return "middle" if layer < UPPER_START * n_layers else "upper"
 
 
 def curve(trace: pd.DataFrame, name: str, role: str = ROLE) -> pd.DataFrame:
@@ -186,8 +175,22 @@ def transfer_claim(editing: pd.DataFrame, editor: str, perspective: str, metric:
     return Claim(key, verdict, f"{what}: {text} ({why}).")
 
 
-def evaluate_claims(traces: dict[str, tuple[pd.DataFrame, int]], editing: Optional[pd.DataFrame]) -> list[Claim]:
-    """All claims; ``traces`` maps perspective -> (AIE frame, n_layers) for the perspectives present."""
+def evaluate_claims(traces: dict[str, tuple[pd.DataFrame, int]], editing: Optional[pd.DataFrame],
+                    paired: Optional[list[Claim]] = None) -> list[Claim]:
+    """All claims; ``traces`` maps perspective -> (AIE frame, n_layers) for the perspectives present.
+
+    ``paired``: the tracing claims decided per fact (``pipeline.paired.paired_claims``); without them
+    the tracing claims fall back to the marginal intervals of ``traces``.
+    """
+    claims: list[Claim] = list(paired) if paired is not None else marginal_claims(traces)
+    if editing is not None:
+        for editor, perspective in sorted(set(zip(editing["editor"], editing["perspective"]))):
+            claims.append(transfer_claim(editing, editor, perspective))
+    return claims
+
+
+def marginal_claims(traces: dict[str, tuple[pd.DataFrame, int]]) -> list[Claim]:
+    """The tracing claims from marginal intervals (traces without per-fact data)."""
     claims: list[Claim] = []
     specs = [("entity", "entity_mlp", "mlp", ("lower", "middle"), "Entity perspective: the MLP effect sits in lower/middle layers"),
              ("relation", "relation_mlp", "mlp", ("upper",), "Relation perspective: the MLP effect sits in upper layers"),
@@ -201,9 +204,6 @@ def evaluate_claims(traces: dict[str, tuple[pd.DataFrame, int]], editing: Option
                                        ("relation", "attn", "Relation perspective: severing attention lowers the hidden-state effect")]:
         if perspective in traces:
             claims.append(severed_claim(f"{perspective}_severed_{severed}", *traces[perspective], severed, what))
-    if editing is not None:
-        for editor, perspective in sorted(set(zip(editing["editor"], editing["perspective"]))):
-            claims.append(transfer_claim(editing, editor, perspective))
     return claims
 
 
@@ -250,8 +250,13 @@ def _editing_section(editing: pd.DataFrame) -> list[str]:
                     f"reliability and generality; no locality was found. Source: {PAPER_SOURCE}.", ""]
 
 
-def render_report(figures_dir: str | os.PathLike, model: str, relative_to: str | os.PathLike | None = None) -> str:
-    """The report's markdown; figure links are relative to ``relative_to`` (default: ``figures_dir``)."""
+def render_report(figures_dir: str | os.PathLike, model: str, relative_to: str | os.PathLike | None = None,
+                  n_resamples: int = N_RESAMPLES, seed: int = SEED) -> str:
+    """The report's markdown; figure links are relative to ``relative_to`` (default: ``figures_dir``).
+
+    The tracing verdicts are paired (``pipeline.paired``) from ``<figures_dir>/study/`` when ``make
+    study`` wrote it, else from ``figures_dir``'s per-fact files; without any, marginal (with a note).
+    """
     figures_dir = Path(figures_dir)
     base = Path(relative_to) if relative_to is not None else figures_dir
     present = {name for name in INPUTS if (figures_dir / name).exists()}
@@ -263,12 +268,15 @@ def render_report(figures_dir: str | os.PathLike, model: str, relative_to: str |
             metas[p] = read_json(figures_dir / f"trace_{p}.json") if f"trace_{p}.json" in present else {}
             traces[p] = (frame, int(metas[p].get("n_layers", frame["layer"].max() + 1)))
     editing = select_jobs(_read_csv(figures_dir / "table_editing.csv", EDIT_COLUMNS)) if "table_editing.csv" in present else None
-    claims = evaluate_claims(traces, editing)
+    study = figures_dir / STUDY
+    paired_dir = next((d for d in (study, figures_dir) if has_per_fact(d)), None)
+    paired, stats = paired_claims(load_variants(paired_dir), n_resamples, seed) if paired_dir else (None, [])
+    claims = evaluate_claims(traces, editing, paired)
 
-    def figure(name: str, caption: str) -> list[str]:
-        if name not in present:
+    def figure(name: str, caption: str, directory: Path = figures_dir) -> list[str]:
+        if not (directory / name).exists():
             return []
-        rel = Path(os.path.relpath(figures_dir / name, base)).as_posix()
+        rel = Path(os.path.relpath(directory / name, base)).as_posix()
         pdf = rel[:-4] + ".pdf"
         return [f"![{caption}]({rel})", f"{caption} ([pdf]({pdf}))", ""]
 
@@ -276,19 +284,29 @@ def render_report(figures_dir: str | os.PathLike, model: str, relative_to: str |
              "Paper: Wei et al., *Does Knowledge Localization Hold True? Surprising Differences Between Entity and "
              "Relation Perspectives in Language Models*, CIKM 2024, arXiv 2409.00617.", ""]
     missing = [name for name in INPUTS if name not in present]
+    if paired_dir != study:
+        missing.append(STUDY)
     if missing:
-        lines += ["## Missing inputs", ""] + [f"- `{name}`: run `make {INPUTS[name]}`" for name in missing] + [""]
+        lines += ["## Missing inputs", ""] + [f"- `{name}`: run `make {INPUTS.get(name, 'study')}`" for name in missing] + [""]
     lines += ["## Claims", "",
               f"Bands: lower `l < n/3`, middle `n/3 <= l < 2n/3`, upper `l >= 2n/3` of n layers; curves at the "
-              f"{ROLE.replace('_', ' ')} role (last subject / last relation token). A band claim needs the peak's 95% "
-              f"interval above 0 and above the best layer outside the bands; an edit claim needs the own side's post-edit "
-              f"lower bound above its pre-edit mean, and the other side's post-edit interval below the bar "
-              f"pre + {TRANSFER_SHARE:g} × g × (1 − pre), g being the share of its headroom (1 − pre) the own side "
-              f"closed. Fewer than {MIN_FACTS} facts or {MIN_CASES} cases: inconclusive.", ""]
+              f"{ROLE.replace('_', ' ')} role (last subject / last relation token)."]
+    if paired is not None:
+        lines += [f"Tracing claims: from `{Path(os.path.relpath(paired_dir, base)).as_posix()}/`. " + method_note(n_resamples, seed)]
+    else:
+        lines += ["Tracing claims: **marginal fallback.** These traces have no per-fact data (made by an older version), "
+                  "so the verdicts compare overlapping marginal intervals, which cannot decide a difference; run "
+                  "`make study` (or rerun the trace jobs) for paired verdicts. A band claim needs the peak's 95% interval "
+                  f"above 0 and above the best layer outside the bands; fewer than {MIN_FACTS} facts: inconclusive."]
+    lines += [f"An edit claim needs the own side's post-edit lower bound above its pre-edit mean, and the other side's "
+              f"post-edit interval below the bar pre + {TRANSFER_SHARE:g} × g × (1 − pre), g being the share of its "
+              f"headroom (1 − pre) the own side closed; fewer than {MIN_CASES} cases: inconclusive.", ""]
     lines += [f"- **{claim.verdict}**: {claim.sentence}" for claim in claims] + [""]
     lines += ["What the paper states (abstract read; band-level wording from the project's summary, not verified "
               "against the paper text):", ""]
     lines += [f"- {c.text} ({c.source})" for c in PAPER_CLAIMS] + [""]
+    if paired is not None:
+        lines += _study_section(paired_dir, stats, figure)
     lines += ["## Causal tracing", "",
               "The paper's AIE values were not available as numbers; compare the figures with its causal-tracing figures.", ""]
     for p in PERSPECTIVES:
@@ -302,15 +320,42 @@ def render_report(figures_dir: str | os.PathLike, model: str, relative_to: str |
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _study_section(directory: Path, stats: list, figure) -> list[str]:
+    """The paired statistics behind the tracing verdicts, what was traced, and the study's figures."""
+    lines = ["## Paired tracing statistics", ""]
+    for variant, stem in VARIANTS.items():
+        meta_path = directory / f"{stem}.json"
+        if meta_path.exists():
+            meta = read_json(meta_path)
+            settings, sample = meta.get("settings", {}), meta.get("sample")
+            drawn = (f"a seeded random sample of {sample['size']} known facts (seed {sample['seed']})" if sample
+                     else "the first known facts")
+            lines.append(f"- {VARIANT_LABELS[variant]}: {meta.get('n_facts', '?')} facts of {meta.get('model', '?')} "
+                         f"({drawn}), {meta.get('n_layers', '?')} layers; {settings.get('samples', '?')} noise samples, "
+                         f"window {settings.get('window', '?')}, kinds {', '.join(settings.get('kinds', []))}, severed "
+                         f"{', '.join(settings.get('severed', [])) or 'none'}.")
+    lines += [""] + statistics_table(stats) + [""]
+    for variant, stem in VARIANTS.items():
+        lines += figure(f"{stem}_roles.png", f"{VARIANT_LABELS[variant]}: AIE by token role and layer", directory)
+    return lines + figure("severed.png", "Severed traces (entity; relation with template tokens)", directory)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--figures-dir", required=True, type=Path, help="outputs/figures/<model>")
     parser.add_argument("--out", required=True, type=Path, help="outputs/reports/<model>/report.md")
     parser.add_argument("--model", default=None, help="title; default: the figures dir's name")
+    parser.add_argument("--n-resamples", type=int, default=N_RESAMPLES, help="paired bootstrap resamples")
+    parser.add_argument("--seed", type=int, default=SEED, help="paired bootstrap seed")
     args = parser.parse_args(argv)
+    if args.n_resamples < 1:
+        raise ConfigError("--n-resamples", args.n_resamples, "must be >= 1", hint=f"e.g. {N_RESAMPLES}")
+    if not 0 <= args.seed < 2**32:
+        raise ConfigError("--seed", args.seed, "must be in [0, 2**32)", hint="e.g. 0")
     if not args.figures_dir.is_dir():
         log.warning("%s does not exist: every input is reported missing", args.figures_dir)
-    text = render_report(args.figures_dir, args.model or args.figures_dir.name, relative_to=args.out.parent)
+    text = render_report(args.figures_dir, args.model or args.figures_dir.name, relative_to=args.out.parent,
+                         n_resamples=args.n_resamples, seed=args.seed)
     atomic_write_text(args.out, text)
     log.info("wrote %s", args.out)
     return args.out

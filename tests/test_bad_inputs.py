@@ -279,7 +279,47 @@ CALIBRATE_CASES: list[BadInput] = [
     BadInput("calibrate_install: an unfinished job dir", _install, DataError, "job_dir"),
 ]
 
-CASES = JOB_CASES + CACHE_CASES + INPUT_CASES + CALIBRATE_CASES
+
+# --- make study: the sample option, the stored sample, per-fact files, the report (pipeline/paired.py) ---
+def _stale_sample(c: BadInputContext) -> list:
+    """A stored sample naming a fact the model no longer knows (a resumed job must not trace other facts)."""
+    from pipeline.stages.trace import stored_sample
+
+    (c.tmp_path / "sample.json").write_text('{"size": 1, "seed": 0, "case_ids": [5]}')
+    return stored_sample(c.tmp_path, [], 1, 0)
+
+
+def _torn_per_fact(c: BadInputContext):
+    """Per-fact tensors with fewer rows than the case ids beside them."""
+    import torch
+
+    from core.io import atomic_save_tensors
+    from pipeline.paired import load_per_fact
+
+    atomic_save_tensors(c.tmp_path / "trace_entity_per_fact.safetensors", {"mlp": torch.zeros(2, 4)})
+    (c.tmp_path / "trace_entity_per_fact.json").write_text('{"names": ["mlp"], "case_ids": [1, 2, 3]}')
+    return load_per_fact(c.tmp_path, "trace_entity")
+
+
+def _report(*args: str):
+    from pipeline.report import main
+
+    return main(["--figures-dir", ".", "--out", "/nonexistent/report.md", *args])
+
+
+STUDY_CASES: list[BadInput] = [
+    BadInput("stage.sample=0", lambda c: c.job("stage=trace", "dataset=known", "stage.sample=0"), ConfigError, "stage.sample"),
+    BadInput("stage.sample=abc (compose time)", lambda c: c.compose("stage=trace", "stage.sample=abc"),
+             ConfigCompositionException, "stage.sample"),
+    BadInput("stage.sample_seed=-1", lambda c: c.job("experiment=study", "stage.sample_seed=-1"), ConfigError,
+             "stage.sample_seed"),
+    BadInput("stored sample names facts no longer known", _stale_sample, DataError, "stage.sample"),
+    BadInput("per-fact tensors and case ids disagree", _torn_per_fact, DataError, "per_fact"),
+    BadInput("report --n-resamples 0", lambda c: _report("--n-resamples", "0"), ConfigError, "--n-resamples"),
+    BadInput("report --seed -1", lambda c: _report("--seed", "-1"), ConfigError, "--seed"),
+]
+
+CASES = JOB_CASES + CACHE_CASES + INPUT_CASES + CALIBRATE_CASES + STUDY_CASES
 
 
 @pytest.fixture()

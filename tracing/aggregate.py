@@ -158,3 +158,25 @@ def aggregate_aie(results: Sequence[TraceResult], name: str = "hidden", n_bootst
                    tokens=counts.sum(0).long(), n_facts=len(results),
                    p_clean=float(sum(r.p_clean for r in results) / len(results)),
                    p_corrupted=float(sum(r.p_corrupted for r in results) / len(results)), confidence=confidence)
+
+
+def fact_aie(results: Sequence[TraceResult], name: str, role: str = "last_corrupted") -> Tensor:
+    """Each fact's AIE curve at ``role`` (mean over the role's tokens; NaN where the fact has none or
+    lacks ``name``).  -> [fact layer]
+
+    Kept per fact so that two perspectives' traces of the same facts can be paired
+    (``pipeline.paired``); ``aggregate_aie`` only keeps the mean over facts.
+    """
+    if role not in ROLES:
+        raise DataError("role", role, "unknown token role", hint=f"use one of {', '.join(ROLES)}")
+    if not results:
+        raise DataError("facts", 0, "no traces", hint="trace at least one known fact")
+    r = ROLES.index(role)
+    rows = []
+    for result in results:
+        if name not in result.scores:
+            rows.append(torch.full((result.n_layers,), torch.nan, dtype=torch.float64))
+            continue
+        sums, counts = role_sums(result, name)
+        rows.append(sums[r] / counts[r] if counts[r] > 0 else torch.full_like(sums[r], torch.nan))
+    return torch.stack(rows).float()

@@ -145,12 +145,21 @@ class TraceStageConfig:
     progress: bool = True
     # Shard the facts over several devices (one model replica each); devices=1 traces in-process.
     fabric: FabricConfig = field(default_factory=FabricConfig)
+    # Trace a seeded random sample of this many known facts (null: the known facts in dataset order),
+    # then the first n_facts of it. The draw depends only on the known facts, the size and sample_seed, so
+    # every perspective's job traces the same facts (paired); each job stores it in sample.json.
+    sample: Optional[int] = None
+    sample_seed: int = 0
 
     def trace_settings(self, seed: int, prefix: str = "stage") -> TraceSettings:
         if self.answer not in ("predicted", "true"):
             raise ConfigError(f"{prefix}.answer", self.answer, "unknown answer choice", hint="use predicted or true")
         if self.n_facts is not None and self.n_facts < 1:
             raise ConfigError(f"{prefix}.n_facts", self.n_facts, "must be >= 1 or null", hint="null traces every known fact")
+        if self.sample is not None and self.sample < 1:
+            raise ConfigError(f"{prefix}.sample", self.sample, "must be >= 1 or null", hint="null: no random sample")
+        if not 0 <= self.sample_seed < 2**32:
+            raise ConfigError(f"{prefix}.sample_seed", self.sample_seed, "must be in [0, 2**32)", hint="e.g. 0")
         self.fabric.validate()
         if not 0 < self.confidence < 1:
             raise ConfigError(f"{prefix}.confidence", self.confidence, "must be in (0, 1)", hint="e.g. 0.95")

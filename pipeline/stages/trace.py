@@ -6,8 +6,18 @@ AIE by token role with bootstrap intervals, draw the figures, and log tensors, t
 With kind ``knockout`` the aggregate ``knockout`` holds the mean relative drop in p(answer) per
 source set (its ``role``: subject / relation / last) and layer window, with intervals over facts.
 
+With ``stage.sample=N`` the facts are a seeded random sample of the known facts instead of the
+first ones (``seeded_sample``): drawn once, stored in ``sample.json``, and the same for every
+perspective, so traces of one fact from both perspectives can be paired.
+
+Resuming: each fact's trace is cached as soon as it finishes (``tracing.api.trace``, a content-
+addressed entry keyed by model, prompt, corrupted spans, answer and settings, written atomically,
+its marker last), so a killed job rerun with the same config recomputes only the facts it had not
+finished.
+
 Job dir: ``traces/case_<id>.{safetensors,json}``, ``aie.safetensors``, ``aie.jsonl``,
-``figures/*.{png,pdf}``.
+``per_fact.{safetensors,json}`` (each fact's AIE by layer at the last corrupted token, per score
+name: what paired statistics need), ``sample.json`` (with ``stage.sample``), ``figures/*.{png,pdf}``.
 """
 
 from __future__ import annotations
@@ -17,12 +27,15 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from core.errors import DataError
 from core.hashing import repair_enabled, repairing
-from core.io import atomic_save_tensors, atomic_write_jsonl
+from core.io import atomic_save_tensors, atomic_write_json, atomic_write_jsonl, read_json
 from facts.knowledge import known_facts
 from facts.validate import check_unique_case_ids
 from facts.relations import load_relation_table
@@ -32,16 +45,20 @@ from pipeline.stages.common import load_configured_facts, load_configured_model,
 from pipeline.stages.config import TraceStageConfig
 from pipeline.stages.scoring import replica_config
 from tracing import TraceSettings, embedding_std, severed_key, trace_fact
-from tracing.aggregate import KNOCKOUT, aggregate_aie, aggregate_knockout
+from tracing.aggregate import KNOCKOUT, aggregate_aie, aggregate_knockout, fact_aie
 from tracing.plots import plot_aie_curves, plot_knockout, plot_role_heatmaps, plot_severed, plot_trace_grid
 from tracing.spans import check_subject_tokens
 
 log = logging.getLogger(__name__)
 
+SAMPLE_FILE = "sample.json"
+PER_FACT = "per_fact"  # per_fact.safetensors ([fact layer] per score name) + per_fact.json (case ids, role)
+PER_FACT_ROLE = "last_corrupted"
+
 
 def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
     stage: TraceStageConfig = OmegaConf.to_object(cfg.stage)
-    stage.trace_settings(int(cfg.seed))  # a bad kind or window fails before any data or model is loaded
+    stage.trace_settings(int(cfg.seed))  # bad settings fail before the facts and the model load
     facts = load_configured_facts(cfg)  # before the model: a bad file fails in a second, not after a load
     loaded = load_configured_model(cfg)
     return with_load_summary(trace_known_facts(cfg, stage, loaded, list(facts), cfg.dataset.name, job_dir, logger), facts)
@@ -62,7 +79,8 @@ def trace_known_facts(cfg: DictConfig, stage: TraceStageConfig, loaded: LoadedMo
     # The known filter runs on every fact, so its cache entry is the one stage=known makes for this dataset.
     refused_ids = {row["case_id"] for row in refused}
     known = [fact for fact in known_facts(loaded, facts, cache_dir, stage.knowledge_batch_size) if fact.case_id not in refused_ids]
-    chosen = known if stage.n_facts is None else known[: stage.n_facts]
+    pool = known if stage.sample is None else stored_sample(job_dir, known, stage.sample, stage.sample_seed)
+    chosen = pool if stage.n_facts is None else pool[: stage.n_facts]
     if not chosen:
         raise DataError("dataset", dataset, f"the model knows none of the {len(facts)} facts",
                         hint="check the model, or use another dataset")
@@ -98,6 +116,7 @@ def trace_known_facts(cfg: DictConfig, stage: TraceStageConfig, loaded: LoadedMo
     rows = [row for agg in aggregates.values() for row in agg.rows()]
     aie_path = atomic_save_tensors(job_dir / "aie.safetensors", {k: v for agg in aggregates.values() for k, v in agg.tensors().items()})
     atomic_write_jsonl(job_dir / "aie.jsonl", rows)
+    paths += save_per_fact(job_dir, results, settings.score_names)
     figures = _figures(results, aggregates, settings, job_dir / "figures", stage.plot_facts)
 
     logger.log_artifact(f"trace-{perspective}", paths + [aie_path], "traces")
@@ -108,6 +127,7 @@ def trace_known_facts(cfg: DictConfig, stage: TraceStageConfig, loaded: LoadedMo
         "model": loaded.identity["name"], "dataset": dataset, "perspective": perspective, "relation_span": relation_span,
         "n_layers": loaded.adapter.n_layers,
         "n_facts": len(facts), "n_known": len(known), "n_traced": len(results), "skipped": skipped,
+        "sample": None if stage.sample is None else {"size": len(pool), "seed": stage.sample_seed, "file": SAMPLE_FILE},
         "refused": refused, "n_skipped": len(refused),
         "skip_reasons": {"subject: starts or ends inside a token": len(refused)} if refused else {},
         "n_from_cache": sum(result.from_cache for result in results), "devices": stage.fabric.devices,
@@ -121,6 +141,46 @@ def trace_known_facts(cfg: DictConfig, stage: TraceStageConfig, loaded: LoadedMo
                         f"trace/{perspective}/p_corrupted": summary["p_corrupted"],
                         f"trace/{perspective}/n_traced": len(results)})
     return summary
+
+
+def seeded_sample(facts: list, size: int, seed: int) -> list:
+    """``size`` of ``facts`` drawn without replacement under ``seed``, in their original order (all if fewer)."""
+    if size >= len(facts):
+        if size > len(facts):
+            log.warning("stage.sample=%d but only %d known facts: tracing all of them", size, len(facts))
+        return list(facts)
+    picked = np.sort(np.random.default_rng(seed).choice(len(facts), size=size, replace=False))
+    return [facts[i] for i in picked]
+
+
+def stored_sample(job_dir: Path, known: list, size: int, seed: int) -> list:
+    """The job's sample: read from ``sample.json`` when it was drawn with the same size and seed, else
+    drawn (``seeded_sample``) and stored there, so a resumed job traces exactly the facts it began with."""
+    path = job_dir / SAMPLE_FILE
+    by_id = {fact.case_id: fact for fact in known}
+    if path.exists():
+        stored = read_json(path)
+        if stored.get("size") == size and stored.get("seed") == seed:
+            lost = [case_id for case_id in stored["case_ids"] if case_id not in by_id]
+            if lost:
+                raise DataError("stage.sample", size, f"{len(lost)} facts of the stored sample ({path}) are no longer "
+                                "known to the model", hint="force=true draws a new sample", case_id=lost[0])
+            return [by_id[case_id] for case_id in stored["case_ids"]]
+    sample = seeded_sample(known, size, seed)
+    atomic_write_json(path, {"size": size, "seed": seed, "n_known": len(known),
+                             "case_ids": [fact.case_id for fact in sample]})
+    return sample
+
+
+def save_per_fact(job_dir: Path, results: list, names) -> list[Path]:
+    """``per_fact.safetensors``: each fact's AIE by layer at the last corrupted token, per score name
+    ([fact layer]), with ``p_clean`` / ``p_corrupted`` [fact]; ``per_fact.json``: case ids (row order)."""
+    tensors = {name: fact_aie(results, name, PER_FACT_ROLE) for name in names}
+    tensors["p_clean"] = torch.tensor([r.p_clean for r in results], dtype=torch.float32)
+    tensors["p_corrupted"] = torch.tensor([r.p_corrupted for r in results], dtype=torch.float32)
+    return [atomic_save_tensors(job_dir / f"{PER_FACT}.safetensors", tensors),
+            atomic_write_json(job_dir / f"{PER_FACT}.json", {"role": PER_FACT_ROLE, "names": list(names),
+                                                             "case_ids": [r.case_id for r in results]})]
 
 
 def _refused(loaded: LoadedModel, facts: list) -> list[dict]:
