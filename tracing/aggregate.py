@@ -22,10 +22,11 @@ from torch import Tensor
 from core.bootstrap import bootstrap_indices
 from core.errors import DataError
 from tracing.result import TraceResult
-from tracing.settings import KNOCKOUT_SOURCES
+from tracing.settings import KNOCKOUT_SOURCES, knockout_key
 from tracing.spans import ROLES
 
 KNOCKOUT = "knockout"  # the knockout aggregate's name (its roles are KNOCKOUT_SOURCES)
+KNOCKOUT_NAMES = tuple(knockout_key(source) for source in KNOCKOUT_SOURCES)
 
 
 def roles_of(name: str) -> tuple[str, ...]:
@@ -176,6 +177,9 @@ def fact_aie(results: Sequence[TraceResult], name: str, role: str = "last_corrup
     for result in results:
         if name not in result.scores:
             rows.append(torch.full((result.n_layers,), torch.nan, dtype=torch.float64))
+            continue
+        if name in KNOCKOUT_NAMES:  # one row per fact (the relative drop of p), whatever the role
+            rows.append(result.scores[name][0].double())
             continue
         sums, counts = role_sums(result, name)
         rows.append(sums[r] / counts[r] if counts[r] > 0 else torch.full_like(sums[r], torch.nan))

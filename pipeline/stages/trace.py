@@ -174,7 +174,7 @@ def stored_sample(job_dir: Path, known: list, size: int, seed: int) -> list:
 
 def save_per_fact(job_dir: Path, results: list, names) -> list[Path]:
     """``per_fact.safetensors``: each fact's AIE by layer at the last corrupted token, per score name
-    ([fact layer]), with ``p_clean`` / ``p_corrupted`` [fact]; ``per_fact.json``: case ids (row order)."""
+    ([fact layer]; a knockout name: the fact's relative drop of p by layer), with ``p_clean`` / ``p_corrupted`` [fact]; ``per_fact.json``: case ids (row order)."""
     tensors = {name: fact_aie(results, name, PER_FACT_ROLE) for name in names}
     tensors["p_clean"] = torch.tensor([r.p_clean for r in results], dtype=torch.float32)
     tensors["p_corrupted"] = torch.tensor([r.p_corrupted for r in results], dtype=torch.float32)
