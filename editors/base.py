@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 from torch import Tensor, nn
 
@@ -40,11 +40,15 @@ class EditResult:
     infos: list[dict[str, Any]]
     seconds: float
     restored: bool = False
+    # called after the weights are restored (AlphaEdit forgets the keys of the edit undone)
+    on_restore: list[Callable[[], None]] = field(default_factory=list)
 
     def restore(self) -> None:
         if not self.restored:
             restore(self.model, self.originals)
             self.restored = True
+            for callback in self.on_restore:
+                callback()
 
     def __enter__(self) -> "EditResult":
         return self
@@ -60,6 +64,8 @@ class Editor(ABC):
     name: ClassVar[str]
     # How many cases a pipeline edits at once by default (ROME: one at a time; MEMIT: batches).
     default_edit_batch_size: ClassVar[int] = 1
+    # The projection ``apply`` snapshots on ``config.layers`` (models.adapters PROJECTIONS).
+    edited_projection: ClassVar[str] = "mlp_out"
 
     def __init__(self, config: LocateEditConfig, cache_dir: str | Path | None = None, data_dir: str | Path | None = None) -> None:
         self.config = config
@@ -70,8 +76,9 @@ class Editor(ABC):
         """Edit ``loaded.model`` in place; use the result as a context manager to restore it."""
         requests = check_requests(requests)
         self.config.validate(loaded.adapter.n_layers)
-        names = WeightDeltas.for_mlp_out(loaded.model, loaded.adapter, {
-            layer: loaded.adapter.mlp_out_matrix(loaded.model, layer) for layer in self.config.layers}).names()
+        adapter = loaded.adapter
+        names = WeightDeltas.for_projection(loaded.model, adapter, self.edited_projection, {
+            layer: adapter.projection_matrix(loaded.model, self.edited_projection, layer) for layer in self.config.layers}).names()
         originals = snapshot(loaded.model, names)
         started = time.time()
         try:
