@@ -14,7 +14,7 @@ projection's stored layout (adapters declare it per family). The per-model layer
 trace's attention peak (conf/editor_model/rome_attn_<model>.yaml).
 
 ``compute`` is ``Rome.compute`` with the projection's hooks named by ``Site``: at ``projection =
-"mlp_out"`` it gives ROME's deltas (tests/test_new_editors.py), so ``Rome.compute`` could become
+"mlp_out"`` it gives ROME's deltas (tests/test_rome_variants.py), so ``Rome.compute`` could become
 this loop (left to rome.py's owner).
 """
 
