@@ -113,8 +113,15 @@ class RomeConfig(LocateEditConfig):
     # (check_editor_config: a RomeConfig may carry these names besides its own)
     variants = tuple(ROME_VARIANTS)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check()
+
     def validate(self, n_layers: int) -> None:
         super().validate(n_layers)
+        self._check()
+
+    def _check(self) -> None:
         check_choice("editor.constraint_key", self.constraint_key, CONSTRAINT_KEYS)
         for key, value in ROME_VARIANTS.get(self.name, {}).items():
             if getattr(self, key) != value:
@@ -154,8 +161,15 @@ class AlphaEditConfig(LocateEditConfig):
     context_prompts: list[str] = field(default_factory=lambda: ["The", "Therefore", "Because", "I", "You"])
     value_batch_size: int = 16
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check()
+
     def validate(self, n_layers: int) -> None:
         super().validate(n_layers)
+        self._check()
+
+    def _check(self) -> None:
         if not self.nullspace_threshold > 0:
             raise ConfigError("editor.nullspace_threshold", self.nullspace_threshold, "must be > 0",
                               "the authors use 2e-2 (an absolute eigenvalue of the key second moment)")
