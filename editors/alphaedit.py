@@ -21,6 +21,14 @@ stage) thus edits each group against the unedited model, as MEMIT; one that keep
 (sequential editing) accumulates. The authors add K K^T with the keys recomputed after all layers
 are edited; a layer's key only depends on the layers below it, which are edited by then in both,
 so the keys of the layer loop are the same keys.
+
+Against jianghoucheng/AlphaEdit f5248d3 (AlphaEdit_main.py, experiments/evaluate.py get_project):
+same threshold semantics (absolute, ``S < threshold`` of C's singular values = eigenvalues, C the
+uncentred E[k k^T] as ROME's layer_stats), same normal equations and L2 term, same residual
+spreading and z/keys (their compute_z/compute_ks are MEMIT's). Deliberate differences: float64
+eigh and solve (theirs: float32 SVD on CPU, float32 solve on GPU); K_p is tied to the edits in
+force (theirs is never reset: their evaluation never restores weights); their unused
+``mom2_update_weight`` is not a field.
 """
 
 from __future__ import annotations
