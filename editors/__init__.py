@@ -1,4 +1,4 @@
-"""Knowledge editors (ROME, MEMIT) over shared helpers: keys, values, stats, templates, deltas.
+"""Knowledge editors (ROME, r-ROME, ROME at attention, MEMIT, AlphaEdit, FT, KN, MEND) over shared helpers: keys, values, stats, templates, deltas.
 
     editor = build_editor(RomeConfig(layers=[5]), cache_dir=".cache")
     with editor.apply(loaded, [entity_request(fact)]) as result:
@@ -22,7 +22,8 @@ __getattr__ = lazy_exports(__name__, {"editors.base": ("EditResult", "Editor"), 
 
 # editor name -> "module:Class" (imported lazily; the config name selects the editor)
 EDITORS: dict[str, str] = {"rome": "editors.rome:Rome", "memit": "editors.memit:Memit", "ft": "editors.ft:Ft",
-                           "kn": "editors.kn:Kn", "mend": "editors.mend:Mend"}
+                           "kn": "editors.kn:Kn", "mend": "editors.mend:Mend", "alphaedit": "editors.alphaedit:AlphaEdit",
+                           "r_rome": "editors.rome:Rome", "rome_attn": "editors.rome_attn:RomeAttn"}
 
 
 def check_editor_config(config) -> None:
@@ -36,7 +37,8 @@ def check_editor_config(config) -> None:
     name = getattr(config, "name", None)
     fields = {f.name: f for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else {}
     schema_name = fields["name"].default if "name" in fields else dataclasses.MISSING
-    if isinstance(schema_name, str) and schema_name != "???" and name != schema_name:
+    variants = getattr(type(config), "variants", ())  # named variants of one schema (RomeConfig: r_rome)
+    if isinstance(schema_name, str) and schema_name != "???" and name != schema_name and name not in variants:
         raise ConfigError("editor.name", name, f"the {schema_name} config (editor={schema_name}) cannot run another editor",
                           f"choose the editor with editor={name}, not editor.name (the name comes with the option)")
     if name != "none":

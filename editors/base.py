@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 from torch import Tensor, nn
 
@@ -40,11 +40,15 @@ class EditResult:
     infos: list[dict[str, Any]]
     seconds: float
     restored: bool = False
+    # called after the weights are restored (AlphaEdit forgets the keys of the edit undone)
+    on_restore: list[Callable[[], None]] = field(default_factory=list)
 
     def restore(self) -> None:
         if not self.restored:
             restore(self.model, self.originals)
             self.restored = True
+            for callback in self.on_restore:
+                callback()
 
     def __enter__(self) -> "EditResult":
         return self
@@ -60,6 +64,8 @@ class Editor(ABC):
     name: ClassVar[str]
     # How many cases a pipeline edits at once by default (ROME: one at a time; MEMIT: batches).
     default_edit_batch_size: ClassVar[int] = 1
+    # The projection ``apply`` snapshots on ``config.layers`` (models.adapters PROJECTIONS).
+    edited_projection: ClassVar[str] = "mlp_out"
 
     def __init__(self, config: LocateEditConfig, cache_dir: str | Path | None = None, data_dir: str | Path | None = None) -> None:
         self.config = config
@@ -82,9 +88,11 @@ class Editor(ABC):
         return EditResult(loaded.model, deltas, originals, infos, time.time() - started)
 
     def edited_names(self, loaded: LoadedModel) -> list[str]:
-        """The parameters ``compute`` may change (snapshotted by ``apply``): the layers' MLP out weights."""
-        return WeightDeltas.for_mlp_out(loaded.model, loaded.adapter, {
-            layer: loaded.adapter.mlp_out_matrix(loaded.model, layer) for layer in self.config.layers}).names()
+        """The parameters ``compute`` may change (snapshotted by ``apply``): the layers' weights of
+        ``edited_projection`` (the MLP or attention output projection)."""
+        model, adapter, projection = loaded.model, loaded.adapter, self.edited_projection
+        return WeightDeltas.for_projection(model, adapter, projection, {
+            layer: adapter.projection_matrix(model, projection, layer) for layer in self.config.layers}).names()
 
     def apply_read_only(self, loaded: LoadedModel, requests: Sequence[EditRequest]) -> EditResult:
         """``apply`` for editors whose ``compute`` only reads the weights (KN, MEND).

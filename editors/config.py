@@ -99,6 +99,12 @@ class LocateEditConfig:
 
 
 CONSTRAINT_KEYS = ("prompt", "mean")
+# Named editors that are ROME with some fields fixed: name -> {field: required value}. Their yamls
+# compose conf/editor/rome.yaml and set the name (and the fields), so their schema is RomeConfig.
+ROME_VARIANTS: dict[str, dict[str, object]] = {
+    "r_rome": {"constraint_key": "mean"},  # r-ROME: k* in the constraint too (conf/editor/r_rome.yaml)
+    "rome_attn": {},  # the attention output projection (editors/rome_attn.py)
+}
 
 
 @dataclass
@@ -107,9 +113,23 @@ class RomeConfig(LocateEditConfig):
     mom2_adjustment: bool = True
     constraint_key: str = "prompt"
 
+    # (check_editor_config: a RomeConfig may carry these names besides its own)
+    variants = tuple(ROME_VARIANTS)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check()
+
     def validate(self, n_layers: int) -> None:
         super().validate(n_layers)
+        self._check()
+
+    def _check(self) -> None:
         check_choice("editor.constraint_key", self.constraint_key, CONSTRAINT_KEYS)
+        for key, value in ROME_VARIANTS.get(self.name, {}).items():
+            if getattr(self, key) != value:
+                raise ConfigError(f"editor.{key}", getattr(self, key), f"{self.name} is ROME with {key}={value}",
+                                  f"use editor=rome for {key}={getattr(self, key)}")
 
 
 @dataclass
@@ -129,6 +149,41 @@ class MemitConfig(LocateEditConfig):
         super().validate(n_layers)
         if self.mom2_update_weight <= 0 or self.value_batch_size < 1:
             raise ConfigError("editor", self.name, "mom2_update_weight > 0 and value_batch_size >= 1", "")
+
+
+@dataclass
+class AlphaEditConfig(LocateEditConfig):
+    """AlphaEdit (Fang et al., 2025): MEMIT's z and keys, the update projected on the preserved keys' null space.
+
+    Values (conf/editor/alphaedit.yaml) are the authors' GPT-2 XL hparams; their ``mom2_update_weight``
+    is in the hparams files but unused by AlphaEdit's update, so it is not a field here.
+    """
+
+    name: str = "alphaedit"
+    clamp_norm_factor: float = 0.75
+    # P projects on the eigenvectors of C = E[k k^T] whose eigenvalue is < this (absolute, as the authors)
+    nullspace_threshold: float = 2e-2
+    l2: float = 10.0  # the authors' "L2": weight of the identity in (P (K K^T + K_p K_p^T) + l2 I)
+    context_template_lengths: list[list[int]] = field(default_factory=lambda: [[10, 5]])
+    context_prompts: list[str] = field(default_factory=lambda: ["The", "Therefore", "Because", "I", "You"])
+    value_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check()
+
+    def validate(self, n_layers: int) -> None:
+        super().validate(n_layers)
+        self._check()
+
+    def _check(self) -> None:
+        if not self.nullspace_threshold > 0:
+            raise ConfigError("editor.nullspace_threshold", self.nullspace_threshold, "must be > 0",
+                              "the authors use 2e-2 (an absolute eigenvalue of the key second moment)")
+        if not self.l2 > 0:
+            raise ConfigError("editor.l2", self.l2, "must be > 0 (P (K K^T + K_p K_p^T) alone is singular)", "the authors use 10")
+        if self.value_batch_size < 1:
+            raise ConfigError("editor.value_batch_size", self.value_batch_size, "must be >= 1", "")
 
 
 REWRITE_CHOICES = ("main", "all")

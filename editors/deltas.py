@@ -2,7 +2,7 @@
 
 Adding and then subtracting a delta is not exact in floating point, so restoring copies the
 original tensors back. Deltas are kept per parameter name in the parameter's stored layout
-(``ArchitectureAdapter.to_stored_layout`` turns an ``[d_model d_mlp]`` update into it), so
+(``ArchitectureAdapter.to_stored_layout`` turns an ``[out in]`` update into it, per projection), so
 applying them never guesses a layout from a shape.
 """
 
@@ -28,14 +28,20 @@ class WeightDeltas:
     @classmethod
     def for_mlp_out(cls, model: nn.Module, adapter: ArchitectureAdapter, updates: Mapping[int, Tensor]) -> "WeightDeltas":
         """From ``{layer: [d_model d_mlp] update}`` of the MLP output projections."""
+        return cls.for_projection(model, adapter, "mlp_out", updates)
+
+    @classmethod
+    def for_projection(cls, model: nn.Module, adapter: ArchitectureAdapter, projection: str,
+                       updates: Mapping[int, Tensor]) -> "WeightDeltas":
+        """From ``{layer: [out in] update}`` of a rewritable projection (``mlp_out`` or ``attn_out``)."""
         names = {id(p): n for n, p in model.named_parameters()}
         deltas = {}
         for layer, update in updates.items():
-            weight = adapter.mlp_out_weight(model, layer)
-            stored = adapter.to_stored_layout(update)
+            weight = adapter.projection_weight(model, projection, layer)
+            stored = adapter.to_stored_layout(update, projection)
             if stored.shape != weight.shape:
-                raise ModelError(f"delta[{layer}]", tuple(update.shape), f"does not fit the weight {tuple(weight.shape)}",
-                                 "an update is [d_model d_mlp] (out x in)")
+                raise ModelError(f"delta[{layer}]", tuple(update.shape), f"does not fit the {projection} weight {tuple(weight.shape)}",
+                                 "an update is [out in] ([d_model d_mlp] for mlp_out, [d_model d_attn] for attn_out)")
             deltas[names[id(weight)]] = stored.detach()
         return cls(deltas)
 

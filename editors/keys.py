@@ -1,4 +1,7 @@
-"""Keys: the MLP input (``blocks.{l}.mlp.hook_post``) at the lookup token, averaged over contexts.
+"""Keys: the input of the rewritten projection at the lookup token, averaged over contexts.
+
+The key hook defaults to the MLP input (``blocks.{l}.mlp.hook_post``, ROME/MEMIT/AlphaEdit);
+``rome_attn`` reads the attention output projection's input (``blocks.{l}.attn.hook_z``).
 
 Prompts are built as ``context.replace("{}", template)`` with the subject filled in, tokenized
 once with char offsets, so the lookup token (the last subject token, or the prompt's last token)
@@ -17,6 +20,7 @@ from torch import Tensor
 
 from core.errors import ConfigError, DataError
 from editors.requests import EditRequest, Lookup
+from models.adapters import PROJECTIONS
 from models.hooks import Hooks
 from models.load import LoadedModel
 
@@ -69,28 +73,36 @@ def activations_at(loaded: LoadedModel, prompts: Sequence[EncodedPrompt], names:
     return {name: torch.cat(chunks) for name, chunks in out.items()}
 
 
-def keys_at(loaded: LoadedModel, prompts: Sequence[EncodedPrompt], layers: Sequence[int], batch_size: int = 64) -> dict[int, Tensor]:
-    """``{layer: [prompt d_mlp]}`` MLP keys at each prompt's lookup token (forward stops at the deepest layer)."""
+MLP_KEY = PROJECTIONS["mlp_out"][0]  # blocks.{layer}.mlp.hook_post
+
+
+def keys_at(loaded: LoadedModel, prompts: Sequence[EncodedPrompt], layers: Sequence[int], batch_size: int = 64,
+            hook: str = MLP_KEY) -> dict[int, Tensor]:
+    """``{layer: [prompt d_key]}`` keys (``hook`` with ``{layer}`` filled in) at each prompt's lookup token.
+
+    The forward stops at the deepest layer.
+    """
     layers = sorted(set(layers))
-    names = [f"blocks.{layer}.mlp.hook_post" for layer in layers]
+    names = [hook.format(layer=layer) for layer in layers]
     found = activations_at(loaded, prompts, names, stop_after=names[-1], batch_size=batch_size)
     return {layer: found[name] for layer, name in zip(layers, names)}
 
 
 def request_keys(loaded: LoadedModel, requests: Sequence[EditRequest], contexts: Sequence[str], layers: Sequence[int],
-                 batch_size: int = 64, groups: Sequence[int] | None = None) -> dict[int, Tensor]:
-    """``{layer: [request d_mlp]}``: each request's key prompt averaged over the context templates.
+                 batch_size: int = 64, groups: Sequence[int] | None = None, hook: str = MLP_KEY) -> dict[int, Tensor]:
+    """``{layer: [request d_key]}``: each request's key prompt averaged over the context templates.
 
     ``groups`` (sizes of consecutive runs of ``contexts``, summing to their number): the mean over
     groups of each group's mean, as MEMIT's compute_ks averages per context type (so ``"{}"``,
     a group of its own, weighs as much as all generated templates together); None: the flat mean
-    (ROME's compute_u).
+    (ROME's compute_u). ``hook``: the key's hook point (the MLP's by default; ``rome_attn``: the
+    attention output projection's input).
     """
     if groups is not None and (sum(groups) != len(contexts) or min(groups) < 1):
         raise ConfigError("context_groups", list(groups), f"sizes >= 1 summing to the {len(contexts)} context templates",
                           "groups follow context_template_lengths: [1] + the counts")
     prompts = [encode_prompt(loaded.tokenizer, c, r.key_template, r.subject, r.lookup) for r in requests for c in contexts]
-    keys = keys_at(loaded, prompts, layers, batch_size)
+    keys = keys_at(loaded, prompts, layers, batch_size, hook)
     out = {}
     for layer, k in keys.items():
         k = rearrange(k, "(request context) d -> request context d", context=len(contexts))

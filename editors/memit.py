@@ -92,6 +92,11 @@ class Memit(Editor):
         """E[k k^T] of each layer's keys (float64, per-token mean; cached on disk under ``cache_dir``)."""
         return second_moments(loaded, layers, self.config.stats, self.cache_dir, self.data_dir)
 
+    def layer_update(self, loaded: LoadedModel, layer: int, keys: Tensor, residual: Tensor, moment: Tensor) -> Tensor:
+        """One layer's ``[d_model d_mlp]`` Delta from its keys [request d_mlp] and residual share
+        [request d_model] (MEMIT: the least squares against C; AlphaEdit overrides it)."""
+        return least_squares_update(keys, residual, moment, self.config.mom2_update_weight)
+
     def compute(self, loaded: LoadedModel, requests: list[EditRequest]) -> tuple[WeightDeltas, list[dict[str, Any]]]:
         config = self.config
         layers = sorted(config.layers)
@@ -102,7 +107,7 @@ class Memit(Editor):
         moments = self.moments(loaded, layers)
         z_requests = authors_removal_contexts(requests, groups) if config.relation_removal == "authors" else requests
         batches = [z_requests[i:i + config.value_batch_size] for i in range(0, len(requests), config.value_batch_size)]
-        values = [v for batch in tqdm(batches, desc="memit z", disable=len(batches) < 2)
+        values = [v for batch in tqdm(batches, desc=f"{self.name} z", disable=len(batches) < 2)
                   for v in optimize_values(loaded, batch, contexts, z_hook, config.value_settings())]
         targets = torch.stack([v.target for v in values])  # [request d_model]
         bare = [encode_prompt(loaded.tokenizer, "{}", r.rewrites[0].template, r.subject, r.lookup) for r in requests]
@@ -113,7 +118,7 @@ class Memit(Editor):
             keys = request_keys(loaded, representatives, contexts, [layer], groups=groups)[layer][index]  # [request d_mlp]
             current = _read(loaded, bare, z_hook)  # [request d_model]
             residual = (targets - current) / (len(layers) - position)
-            update = least_squares_update(keys, residual, moments[layer], config.mom2_update_weight)
+            update = self.layer_update(loaded, layer, keys, residual, moments[layer])
             step = WeightDeltas.for_mlp_out(loaded.model, loaded.adapter, {layer: update.float()})
             add_in_place(loaded.model, step)  # the next layer's keys and residual see this one
             total = total + step

@@ -1,4 +1,7 @@
-"""Second-moment statistics C = E[k k^T] of the MLP keys (``blocks.{l}.mlp.hook_post``).
+"""Second-moment statistics C = E[k k^T] of the keys of a rewritten projection.
+
+The keys are the MLP input (``blocks.{l}.mlp.hook_post``) by default, or any other hook with a
+``{layer}`` field (``rome_attn``: the attention output projection's input, ``blocks.{l}.attn.hook_z``).
 
 ROME and MEMIT weigh their updates by C: ROME's key direction is C^-1 k*, MEMIT's least squares
 is regularised by C. C is estimated over a text corpus (ROME: 100k Wikipedia articles) and
@@ -26,6 +29,7 @@ from core.errors import DataError
 from core.hashing import CacheEntry
 from core.io import atomic_save_tensors
 from editors.config import StatsConfig
+from editors.keys import MLP_KEY
 from facts.sources import wikitext_paragraphs
 from models.hooks import Hooks
 from models.load import LoadedModel
@@ -90,19 +94,19 @@ def corpus_texts(config: StatsConfig, data_dir: str | Path | None = None) -> lis
 
 
 # -------------------------------------------------------------------------------- accumulation
-def key_hook(layer: int) -> str:
-    return f"blocks.{layer}.mlp.hook_post"
+def key_hook(layer: int, hook: str = MLP_KEY) -> str:
+    return hook.format(layer=layer)
 
 
 @torch.no_grad()
 def accumulate_second_moments(
     loaded: LoadedModel, layers: Sequence[int], texts: Sequence[str], max_tokens: int = 1024, batch_size: int = 8,
-    progress: bool = True,
+    progress: bool = True, hook: str = MLP_KEY,
 ) -> tuple[dict[int, Tensor], int]:
-    """``({layer: E[k k^T] [d_mlp d_mlp] float64}, token count)`` over every non-padding token."""
+    """``({layer: E[k k^T] [d_key d_key] float64}, token count)`` over every non-padding token."""
     layers = sorted({loaded.adapter.check_layer(layer, key="editor.layers") for layer in layers})
-    d_mlp = loaded.adapter.d_mlp
-    sums = {layer: torch.zeros(d_mlp, d_mlp, dtype=torch.float64, device=loaded.device) for layer in layers}
+    names = {key_hook(layer, hook): layer for layer in layers}
+    sums: dict[int, Tensor] = {}
     count = 0
     tokenizer = loaded.tokenizer
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths per batch: little padding
@@ -110,16 +114,19 @@ def accumulate_second_moments(
     mask: Tensor | None = None
 
     def accumulate(tensor: Tensor, name: str) -> None:
-        keys = tensor[mask].to(torch.float64)  # [token d_mlp]
-        sums[int(name.split(".")[1])].addmm_(keys.T, keys)
+        keys = tensor[mask].to(torch.float64)  # [token d_key]
+        layer = names[name]
+        if layer not in sums:
+            sums[layer] = torch.zeros(keys.shape[1], keys.shape[1], dtype=torch.float64, device=keys.device)
+        sums[layer].addmm_(keys.T, keys)
 
     with _right_padding(tokenizer):
         for batch in tqdm(batches, desc="second moments", disable=not progress):
             encoded = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, truncation=True,
                                 max_length=max_tokens).to(loaded.device)
             mask = encoded["attention_mask"].bool()  # [batch pos]
-            with Hooks(loaded.model, loaded.adapter, {key_hook(layer): accumulate for layer in layers},
-                       stop_after=key_hook(layers[-1])):
+            with Hooks(loaded.model, loaded.adapter, {name: accumulate for name in names},
+                       stop_after=key_hook(layers[-1], hook)):
                 loaded.model(**encoded)
             count += int(mask.sum())
     if count == 0:
@@ -138,22 +145,23 @@ def _right_padding(tokenizer):
 
 
 # ------------------------------------------------------------------------------------- caching
-def cache_key(loaded: LoadedModel, layer: int, config: StatsConfig) -> dict:
-    return {"version": FORMAT_VERSION, "model": loaded.identity, "hook": key_hook(layer), "corpus": config.corpus,
+def cache_key(loaded: LoadedModel, layer: int, config: StatsConfig, hook: str = MLP_KEY) -> dict:
+    return {"version": FORMAT_VERSION, "model": loaded.identity, "hook": key_hook(layer, hook), "corpus": config.corpus,
             "path": config.path, "n_samples": config.n_samples, "max_tokens": config.max_tokens,
             "activation_dtype": str(next(loaded.model.parameters()).dtype), "accumulation_dtype": "float64"}
 
 
 def second_moments(
     loaded: LoadedModel, layers: Sequence[int], config: StatsConfig, cache_dir: str | Path | None = None,
-    data_dir: str | Path | None = None,
+    data_dir: str | Path | None = None, hook: str = MLP_KEY,
 ) -> dict[int, Tensor]:
-    """``{layer: E[k k^T]}`` (float64), from the cache where present; missing layers in one pass."""
+    """``{layer: E[k k^T]}`` (float64) of ``hook``'s keys, from the cache where present; missing layers in one pass."""
     config.validate()
     layers = sorted(set(layers))
     if cache_dir is None:
-        return accumulate_second_moments(loaded, layers, corpus_texts(config, data_dir), config.max_tokens, config.batch_size)[0]
-    entries = {layer: CacheEntry(cache_dir, "second_moments", cache_key(loaded, layer, config)) for layer in layers}
+        return accumulate_second_moments(loaded, layers, corpus_texts(config, data_dir), config.max_tokens, config.batch_size,
+                                         hook=hook)[0]
+    entries = {layer: CacheEntry(cache_dir, "second_moments", cache_key(loaded, layer, config, hook)) for layer in layers}
     moments = {layer: _read_moment(entries[layer]) for layer in layers}
     missing = [layer for layer in layers if moments[layer] is None]
     if missing:  # check, lock, check again: a complete cache is read without locks or writes
@@ -166,7 +174,8 @@ def second_moments(
                 log.info("second moments for layers %s of %s (%s, %d samples)", missing, loaded.identity.get("name"),
                          config.corpus, config.n_samples)
                 texts = corpus_texts(config, data_dir)
-                computed, count = accumulate_second_moments(loaded, missing, texts, config.max_tokens, config.batch_size)
+                computed, count = accumulate_second_moments(loaded, missing, texts, config.max_tokens, config.batch_size,
+                                                            hook=hook)
                 for layer, moment in computed.items():
                     entries[layer].clear()
                     atomic_save_tensors(entries[layer].path(MOMENT_FILE), {"mom2": moment},

@@ -87,6 +87,7 @@ SCHEMAS: list[tuple[str | None, str, str]] = [
     ("editor", "editor_schema", "pipeline.config:EditorConfig"),
     ("editor", "rome_schema", "editors.config:RomeConfig"),
     ("editor", "memit_schema", "editors.config:MemitConfig"),
+    ("editor", "alphaedit_schema", "editors.config:AlphaEditConfig"),
     ("editor", "ft_schema", "editors.config:FtConfig"),
     ("editor", "kn_schema", "editors.config:KnConfig"),
     ("editor", "mend_schema", "editors.config:MendConfig"),

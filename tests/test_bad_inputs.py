@@ -187,6 +187,17 @@ def _knockout_figure_without_jobs(ctx: BadInputContext) -> Any:
     return figures.main(["knockout", "--sweep-dir", str(ctx.tmp_path / "sweep"), "--out", str(ctx.tmp_path / "figures")])
 
 
+def _alphaedit_tiny(ctx: BadInputContext, threshold: float):
+    """AlphaEdit on tiny_gpt2 with a threshold no eigenvalue of the keys' second moment is below (known at compute)."""
+    from editors import EditRequest, Rewrite, build_editor
+    from editors.config import AlphaEditConfig, StatsConfig
+    from models import load_model
+
+    config = AlphaEditConfig(layers=[1], nullspace_threshold=threshold, stats=StatsConfig(n_samples=20, max_tokens=32))
+    request = EditRequest(0, "Lyon", (Rewrite("The twin city of {} is", "Manila"),), "The twin city of {} is")
+    return build_editor(config, cache_dir=ctx.tmp_path / "cache").apply(load_model("tiny_gpt2"), [request])
+
+
 def _local_model(ctx: BadInputContext, path: Path) -> dict:
     return ctx.job("stage=known", "dataset=known", "model.source=local", f"model.id={path}")
 
@@ -196,6 +207,18 @@ INPUT_CASES: list[BadInput] = [
     BadInput("editor.name=memit on rome", lambda c: c.job("stage=edit", "editor=rome", "editor.name=memit"),
              ConfigError, "editor.name"),
     BadInput("editor.name=memit on rome (full)", lambda c: c.job("editor=rome", "editor.name=memit"),
+             ConfigError, "editor.name"),
+    BadInput("editor.nullspace_threshold=0 (alphaedit)",
+             lambda c: c.job("stage=edit", "editor=alphaedit", "stage.n_cases=1", "editor.nullspace_threshold=0"),
+             ConfigError, "editor.nullspace_threshold"),
+    BadInput("editor.nullspace_threshold below every eigenvalue (alphaedit)", lambda c: _alphaedit_tiny(c, 1e-30),
+             ConfigError, "editor.nullspace_threshold"),
+    BadInput("editor.l2=0 (alphaedit)", lambda c: c.job("stage=edit", "editor=alphaedit", "stage.n_cases=1", "editor.l2=0"),
+             ConfigError, "editor.l2"),
+    BadInput("editor=r_rome editor.constraint_key=prompt",
+             lambda c: c.job("stage=edit", "editor=r_rome", "stage.n_cases=1", "editor.constraint_key=prompt"),
+             ConfigError, "editor.constraint_key"),
+    BadInput("editor.name=alphaedit on memit", lambda c: c.job("stage=edit", "editor=memit", "editor.name=alphaedit"),
              ConfigError, "editor.name"),
     BadInput("local model: empty dir", lambda c: _local_model(c, _dir(c, "empty")), ModelError, "model.id"),
     BadInput("local model: config.json, no weights",

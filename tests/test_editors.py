@@ -339,9 +339,10 @@ def test_build_editor_refuses_a_config_renamed_to_another_editor():
 
 
 def _editor_configs():
-    from editors.config import FtConfig, KnConfig, MendConfig
+    from editors.config import AlphaEditConfig, FtConfig, KnConfig, MendConfig
 
-    return {"rome": RomeConfig, "memit": MemitConfig, "ft": FtConfig, "kn": KnConfig, "mend": MendConfig}
+    return {"rome": RomeConfig, "memit": MemitConfig, "ft": FtConfig, "kn": KnConfig, "mend": MendConfig,
+            "alphaedit": AlphaEditConfig}
 
 
 def _config_error(make, n_layers: int = 12):
@@ -355,11 +356,11 @@ def _config_error(make, n_layers: int = 12):
     return None
 
 
-@pytest.mark.parametrize("name", ["rome", "memit", "ft", "kn", "mend"])
+@pytest.mark.parametrize("name", ["rome", "memit", "ft", "kn", "mend", "alphaedit"])
 def test_editor_config_without_layers_is_a_config_error_or_valid(name):
     """``RomeConfig()`` (layers required) names editor.layers, not a TypeError; the others have defaults."""
     error = _config_error(_editor_configs()[name])
-    if name in ("rome", "memit"):
+    if name in ("rome", "memit", "alphaedit"):
         assert error is not None and error.key == "editor.layers" and "required" in error.problem
         assert "editor_model" in error.hint
     else:
@@ -367,7 +368,7 @@ def test_editor_config_without_layers_is_a_config_error_or_valid(name):
 
 
 @pytest.mark.parametrize("layers", ["???", 5, "5", [], ["a"], [1.5], [True], [12], [-1]])
-@pytest.mark.parametrize("name", ["rome", "memit", "ft", "kn", "mend"])
+@pytest.mark.parametrize("name", ["rome", "memit", "ft", "kn", "mend", "alphaedit"])
 def test_editor_config_with_bad_layers_is_a_config_error(name, layers):
     error = _config_error(lambda: _editor_configs()[name](layers=layers))
     assert error is not None and error.key == "editor.layers"

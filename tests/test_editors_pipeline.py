@@ -18,7 +18,7 @@ FAST = ["model=tiny_gpt2", "dataset=counterfact", "logger=none", "editor.layers=
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 1 torch thread (2 shared cores)
 
 
-@pytest.mark.parametrize("editor", ["rome", "memit"])
+@pytest.mark.parametrize("editor", ["rome", "memit", "alphaedit", "r_rome", "rome_attn"])
 def test_every_editor_config_composes_and_typos_fail(compose_config, editor):
     from omegaconf import OmegaConf
 
@@ -55,6 +55,17 @@ def test_edit_stage_both_perspectives_and_summary(compose_config, tmp_path):
     csv = (tmp_path / "summary" / "summary.csv").read_text().splitlines()
     assert csv[0].startswith("job,model,editor,perspective") and len(csv) > 10
     json.dumps(summary)
+
+
+@pytest.mark.parametrize("editor", ["alphaedit", "r_rome", "rome_attn"])
+def test_new_editors_run_through_the_edit_stage(compose_config, tmp_path, editor):
+    """python -m pipeline.run stage=edit editor=<editor> model=tiny_gpt2 stage.n_cases=2, in-process."""
+    cfg = compose_config("stage=edit", f"editor={editor}", "perspective=entity", *FAST)
+    results = run_job(cfg, tmp_path / "job")["results"]
+    assert results["editor"] == editor and results["n_cases"] == 2 and results["n_skipped"] == 0
+    rows = read_jsonl(tmp_path / "job" / "cases.jsonl")
+    assert len(rows) == 2 and all(row["post"]["entity.reliability"] is not None for row in rows)
+    assert all(row["edit"]["edit_seconds"] >= 0 for row in rows)
 
 
 def test_edit_stage_refuses_the_none_editor(compose_config, tmp_path):

@@ -21,7 +21,8 @@ def test_hook_names_resolve_with_right_shapes(tiny_model):
     _, cache = run_with_cache(tiny_model.model, adapter, adapter.hook_names(), **inputs)
     assert set(cache) == set(adapter.hook_names())
     for name, tensor in cache.items():
-        width = adapter.d_mlp if name.endswith(("mlp.hook_post", "mlp.hook_pre")) else adapter.d_model
+        width = (adapter.d_mlp if name.endswith(("mlp.hook_post", "mlp.hook_pre"))
+                 else adapter.d_attn if name.endswith("attn.hook_z") else adapter.d_model)
         assert tensor.shape == (1, n_pos, width), name
 
 
@@ -52,18 +53,28 @@ def test_residual_stream_adds_up(tiny_model):
             torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_post"], cache[f"blocks.{layer + 1}.hook_resid_pre"])
 
 
-def test_mlp_out_weight_layout(tiny_model):
-    """The [d_model d_mlp] view maps the key (mlp.hook_post) to the MLP output."""
+@pytest.mark.parametrize("projection", ["mlp_out", "attn_out"])
+def test_projection_weight_layout(tiny_model, projection):
+    """The [out in] view maps the key (mlp.hook_post / attn.hook_z) to the output (hook_mlp_out / hook_attn_out).
+
+    The attention projection is square, so only this numeric check (not a shape) can catch a wrong layout.
+    """
+    from models.adapters import PROJECTIONS
+
     adapter, model = tiny_model.adapter, tiny_model.model
     layer = 1
-    _, cache = run_with_cache(model, adapter, [f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.hook_mlp_out"], **_encode(tiny_model))
-    weight = adapter.mlp_out_matrix(model, layer)
-    assert weight.shape == (adapter.d_model, adapter.d_mlp)
-    bias = getattr(adapter.module(model, "mlp_out", layer), "bias", None)
-    expected = cache[f"blocks.{layer}.mlp.hook_post"] @ weight.T + (0 if bias is None else bias)
-    torch.testing.assert_close(expected, cache[f"blocks.{layer}.hook_mlp_out"], atol=1e-5, rtol=1e-5)
-    delta = torch.arange(adapter.d_model * adapter.d_mlp, dtype=torch.float32).reshape(adapter.d_model, adapter.d_mlp)
-    assert adapter.to_stored_layout(delta).shape == adapter.mlp_out_weight(model, layer).shape
+    key, out = (name.format(layer=layer) for name in PROJECTIONS[projection])
+    _, cache = run_with_cache(model, adapter, [key, out], **_encode(tiny_model))
+    weight = adapter.projection_matrix(model, projection, layer)
+    d_in = adapter.d_mlp if projection == "mlp_out" else adapter.d_attn
+    assert weight.shape == (adapter.d_model, d_in)
+    bias = getattr(adapter.module(model, projection, layer), "bias", None)
+    expected = cache[key] @ weight.T + (0 if bias is None else bias)
+    torch.testing.assert_close(expected, cache[out], atol=1e-5, rtol=1e-5)
+    delta = torch.arange(adapter.d_model * d_in, dtype=torch.float32).reshape(adapter.d_model, d_in)
+    stored = adapter.to_stored_layout(delta, projection)
+    assert stored.shape == adapter.projection_weight(model, projection, layer).shape
+    assert torch.equal(stored, delta.T if adapter.layout(projection) == "conv1d" else delta)
 
 
 def test_hooks_replace_and_always_remove(tiny_gpt2):

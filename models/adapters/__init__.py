@@ -1,6 +1,6 @@
 """Architecture adapters: one small table per model family, mapping canonical names to HF modules."""
 
-from models.adapters.base import ArchitectureAdapter, HookPoint, adapter_for, register_adapter, supported_model_types
+from models.adapters.base import PROJECTIONS, ArchitectureAdapter, HookPoint, adapter_for, register_adapter, supported_model_types
 from models.adapters import gpt2, gptj, llama  # noqa: F401  (register the families)
 
-__all__ = ["ArchitectureAdapter", "HookPoint", "adapter_for", "register_adapter", "supported_model_types"]
+__all__ = ["PROJECTIONS", "ArchitectureAdapter", "HookPoint", "adapter_for", "register_adapter", "supported_model_types"]

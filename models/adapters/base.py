@@ -2,8 +2,9 @@
 
 Nothing outside ``models/`` sees ``transformer.h.17`` or ``model.layers.5``: tracing and editing
 address activations by canonical TransformerLens-style names and ask the adapter for the module,
-the hook side (input or output) and the weight layout of the MLP output projection that ROME and
-MEMIT rewrite.
+the hook side (input or output) and the weight layout of the projections that the locate-then-edit
+editors rewrite: the MLP output projection (ROME, MEMIT, AlphaEdit) and the attention output
+projection (``rome_attn``).
 
 Canonical hook names (``l`` is a 0-based layer):
 
@@ -19,6 +20,9 @@ name                           activation                                      s
 ``blocks.{l}.mlp.hook_pre``    output of the MLP's first linear (``mlp_in``:   [batch pos d_mlp]
                                GPT-2 c_fc / GPT-J fc_in before the activation;
                                Llama up_proj, which scales hook_post linearly)
+``blocks.{l}.attn.hook_z``     heads' outputs, concatenated = input of the     [batch pos d_attn]
+                               attention output projection (c_proj / out_proj
+                               / o_proj)
 ``hook_final_norm``            output of the final layer norm                  [batch pos d_model]
 ``blocks.{l}.attn.hook_mask``  which keys each query may attend to (bool,      [batch|1 head|1
                                True = allowed; see ``models.hooks``)           query key]
@@ -40,8 +44,14 @@ from core.errors import ModelError
 
 WeightLayout = Literal["linear", "conv1d"]
 
-_BLOCK_NAME = re.compile(
-    r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|mlp\.hook_post|mlp\.hook_pre|attn\.hook_mask)$")
+_BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|mlp\.hook_post|mlp\.hook_pre"
+                         r"|attn\.hook_z|attn\.hook_mask)$")
+
+# A rewritable projection ("mlp_out", "attn_out") -> (its input hook = the key, its output hook = the value).
+PROJECTIONS: dict[str, tuple[str, str]] = {
+    "mlp_out": ("blocks.{layer}.mlp.hook_post", "blocks.{layer}.hook_mlp_out"),
+    "attn_out": ("blocks.{layer}.attn.hook_z", "blocks.{layer}.hook_attn_out"),
+}
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,9 @@ class ArchitectureAdapter:
     final_norm: str
     unembed: str
     mlp_out_layout: WeightLayout
+    attn_out: str  # the attention output projection; its input is ``attn.hook_z``
+    attn_out_layout: WeightLayout
+    d_attn: int  # heads x head_dim (the width of ``attn.hook_z``)
 
     # -- names -----------------------------------------------------------------
     def hook_point(self, name: str) -> HookPoint:
@@ -91,6 +104,7 @@ class ArchitectureAdapter:
             "mlp.hook_post": HookPoint(self.mlp_out.format(layer=layer), "input"),
             "mlp.hook_pre": HookPoint(self.mlp_in.format(layer=layer), "output"),
             "attn.hook_mask": HookPoint(self.attn.format(layer=layer), "input", argument="attention_mask"),
+            "attn.hook_z": HookPoint(self.attn_out.format(layer=layer), "input"),
         }
         return table[kind]
 
@@ -104,6 +118,7 @@ class ArchitectureAdapter:
                 f"blocks.{layer}.hook_resid_post",
                 f"blocks.{layer}.mlp.hook_post",
                 f"blocks.{layer}.mlp.hook_pre",
+                f"blocks.{layer}.attn.hook_z",
             ]
         return names + ["hook_final_norm"]
 
@@ -124,29 +139,47 @@ class ArchitectureAdapter:
         template = getattr(self, kind)
         return self.get_module(model, template.format(layer=layer) if layer is not None else template)
 
-    def mlp_out_weight(self, model: nn.Module, layer: int) -> nn.Parameter:
-        """The rewritten weight, in its stored layout (see ``mlp_out_layout``)."""
+    def projection_weight(self, model: nn.Module, projection: str, layer: int) -> nn.Parameter:
+        """The weight of a rewritable projection (``mlp_out`` or ``attn_out``), in its stored layout."""
         self.check_layer(layer)
-        return self.get_module(model, self.mlp_out.format(layer=layer)).weight
+        return self.get_module(model, getattr(self, _projection(projection)).format(layer=layer)).weight
 
-    def to_stored_layout(self, delta_out_in: Tensor) -> Tensor:
-        """Convert a ``[d_model d_mlp]`` (out x in) update into the stored weight layout.
+    def layout(self, projection: str) -> WeightLayout:
+        return getattr(self, f"{_projection(projection)}_layout")
+
+    def to_stored_layout(self, delta_out_in: Tensor, projection: str = "mlp_out") -> Tensor:
+        """Convert an ``[out in]`` update (``[d_model d_mlp]`` for ``mlp_out``) into the stored weight layout.
 
         GPT-2's ``Conv1D`` stores ``[in out]``; linear layers store ``[out in]``. The layout is
-        declared per family, never guessed from the shape (square weights would be ambiguous).
+        declared per family and projection, never guessed from the shape (square weights, such as
+        every attention output projection, would be ambiguous).
         """
-        return delta_out_in.T if self.mlp_out_layout == "conv1d" else delta_out_in
+        return delta_out_in.T if self.layout(projection) == "conv1d" else delta_out_in
+
+    def projection_matrix(self, model: nn.Module, projection: str, layer: int) -> Tensor:
+        """The projection as an ``[out in]`` matrix (a view, no copy)."""
+        weight = self.projection_weight(model, projection, layer)
+        return weight.T if self.layout(projection) == "conv1d" else weight
+
+    def mlp_out_weight(self, model: nn.Module, layer: int) -> nn.Parameter:
+        """The rewritten weight, in its stored layout (see ``mlp_out_layout``)."""
+        return self.projection_weight(model, "mlp_out", layer)
 
     def mlp_out_matrix(self, model: nn.Module, layer: int) -> Tensor:
         """The out projection as a ``[d_model d_mlp]`` matrix (a view, no copy)."""
-        weight = self.mlp_out_weight(model, layer)
-        return weight.T if self.mlp_out_layout == "conv1d" else weight
+        return self.projection_matrix(model, "mlp_out", layer)
 
     def embedding_matrix(self, model: nn.Module) -> Tensor:
         return self.get_module(model, self.embed).weight
 
     def unembedding_matrix(self, model: nn.Module) -> Tensor:  # [vocab d_model]
         return self.get_module(model, self.unembed).weight
+
+
+def _projection(projection: str) -> str:
+    if projection not in PROJECTIONS:
+        raise ModelError("projection", projection, "not a rewritable projection", hint=f"use one of {', '.join(PROJECTIONS)}")
+    return projection
 
 
 AdapterFactory = Callable[[object], ArchitectureAdapter]

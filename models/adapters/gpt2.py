@@ -19,5 +19,8 @@ def gpt2_adapter(config) -> ArchitectureAdapter:
         mlp_out="transformer.h.{layer}.mlp.c_proj",
         final_norm="transformer.ln_f",
         unembed="lm_head",
+        attn_out="transformer.h.{layer}.attn.c_proj",
+        attn_out_layout="conv1d",
+        d_attn=config.n_embd,
         mlp_out_layout="conv1d",
     )

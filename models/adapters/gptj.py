@@ -19,5 +19,8 @@ def gptj_adapter(config) -> ArchitectureAdapter:
         mlp_out="transformer.h.{layer}.mlp.fc_out",
         final_norm="transformer.ln_f",
         unembed="lm_head",
+        attn_out="transformer.h.{layer}.attn.out_proj",
+        attn_out_layout="linear",
+        d_attn=config.n_embd,
         mlp_out_layout="linear",
     )

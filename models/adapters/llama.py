@@ -19,5 +19,8 @@ def llama_adapter(config) -> ArchitectureAdapter:
         mlp_out="model.layers.{layer}.mlp.down_proj",
         final_norm="model.norm",
         unembed="lm_head",
+        attn_out="model.layers.{layer}.self_attn.o_proj",
+        attn_out_layout="linear",
+        d_attn=config.num_attention_heads * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads),
         mlp_out_layout="linear",
     )

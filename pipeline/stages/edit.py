@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from core.errors import ConfigError
 from core.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json, read_jsonl
 from core.memory import halving_map
-from editors import build_editor, check_editor_config, entity_request, relation_request
+from editors import EDITORS, build_editor, check_editor_config, entity_request, relation_request
 from facts.relations import load_relation_table
 from metrics.aggregate import aggregate
 from metrics.evaluation import prepare_cases
@@ -166,7 +166,7 @@ def compute_edits(cfg: DictConfig, settings: EditStageConfig, loaded: LoadedMode
     """
     editor_config = OmegaConf.to_object(cfg.editor)
     if editor_config.name == "none":
-        raise ConfigError("editor", "none", "the edit stage needs an editor", "use editor=rome, memit, ft, kn or mend")
+        raise ConfigError("editor", "none", "the edit stage needs an editor", f"use editor={', '.join(sorted(EDITORS))}")
     perspective = cfg.perspective.name
     started = time.time()
     editor = build_editor(editor_config, cache_dir=cfg.paths.cache_dir, data_dir=cfg.paths.data_dir)
