@@ -118,6 +118,7 @@ study: setup
 	$(STUDY_FIG) --perspective relation
 	$(STUDY_FIG) --perspective relation --relation-span phrase
 	$(FIGURES) severed --sweep-dir $(STUDY_SWEEP_DIR) --out $(STUDY_DIR)
+	$(FIGURES) knockout --sweep-dir $(STUDY_SWEEP_DIR) --out $(STUDY_DIR)
 	@echo "study figures: $(STUDY_DIR)/ (make report decides the tracing claims from them)"
 
 report: setup

@@ -13,7 +13,10 @@ Per fact, with bands of ``n`` layers (lower ``l < n/3``, middle ``n/3 <= l < 2n/
   averaged over the lower and middle layers (where ROME's severed traces drop). The share removed is
   ``mean(r_s) / mean(h)`` over facts (a ratio of means: a per-fact ratio explodes where ``h ~ 0``);
 - entity vs relation: for facts traced from both perspectives, the relation statistic minus the
-  entity one, fact by fact.
+  entity one, fact by fact;
+- knockout (when the traces include it): each fact's relative drop of p with the last token's
+  attention to the relation tokens blocked, averaged over the middle and upper layers (claimed < 0),
+  next to the subject and last-token drops and the relation - subject difference.
 
 Every interval is a paired percentile bootstrap over facts (``metrics.paired``). Verdicts: with fewer
 than ``MIN_PAIRED_FACTS`` paired facts, "too few facts (n=..)"; else supported when the interval lies
@@ -34,6 +37,7 @@ import numpy as np
 from core.errors import DataError
 from core.io import load_tensors, read_json
 from metrics.paired import MDE_FACTOR, PairedEstimate, mean_difference, paired_bootstrap
+from tracing.settings import KNOCKOUT_SOURCES, knockout_key
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +226,27 @@ def paired_claims(variants: dict[str, PerFact], n_resamples: int = N_RESAMPLES, 
             claim(f"relation_severed_attn{suffix}", "Relation perspective: severing attention removes part of the "
                   f"hidden-state effect{' (phrase tokens)' if suffix else ''}", variant,
                   "share of the hidden effect removed by severing attn", removed_attn)
+    # Attention knockout (Geva et al. 2023), a second, independent test of the attention claim: blocking
+    # the last token's attention to the relation tokens in the middle-to-upper layers lowers p(answer).
+    # The source sets come from the fact, so any job of the relation span with the knockout kind serves.
+    for variant in relation_variants:
+        data = variants.get(variant)
+        suffix, span = ("_phrase", " (phrase tokens)") if variant == "relation_phrase" else ("", "")
+        what = f"Knockout: blocking the last token's attention to the relation tokens{span} in middle-to-upper layers lowers p"
+        names = [knockout_key(source) for source in KNOCKOUT_SOURCES]
+        if data is None or any(name not in data.curves for name in names):
+            note(f"knockout_relation{suffix}", what, f"no per-fact knockout for {VARIANT_LABELS[variant]} "
+                 "(the study's kinds include knockout; rerun `make study`)")
+            continue
+        bands = ("middle", "upper")
+        claim(f"knockout_relation{suffix}", what, variant, "relative drop of p, relation tokens blocked, middle/upper mean",
+              mean_difference(data.band_mean(knockout_key("relation"), bands), **options), expect=-1)
+        for source in ("subject", "last"):
+            stats.append(Statistic(variant, f"relative drop of p, {source} tokens blocked, middle/upper mean",
+                                   mean_difference(data.band_mean(knockout_key(source), bands), **options)))
+        stats.append(Statistic(variant, "relative drop, relation − subject tokens blocked, middle/upper, per fact",
+                               mean_difference(data.band_mean(knockout_key("relation"), bands)
+                                               - data.band_mean(knockout_key("subject"), bands), **options)))
     # Entity vs relation on the facts traced from both perspectives.
     entity = variants.get("entity")
     for variant in relation_variants:

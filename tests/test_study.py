@@ -90,13 +90,35 @@ def test_paired_claims_on_synthetic_facts():
                                                    n_resamples=50)[0]}
     assert few["relation_mlp"] == "too few facts (n=10)"
     assert all(s.estimate.n == 120 for s in stats)
+    assert verdicts["knockout_relation"] == INCONCLUSIVE and "knockout" in next(c.sentence for c in claims
+                                                                                if c.key == "knockout_relation")
+
+
+def test_knockout_claim_from_per_fact_knockout_rows():
+    """The knockout claim reads each fact's relative drop with the relation tokens blocked (middle/upper mean)."""
+    rng = np.random.default_rng(3)
+    n_facts, n_layers = 120, 12
+    data = _per_fact(n_facts, mlp_peak=10, seed=1)
+    upper = (np.arange(n_layers) >= n_layers / 3).astype(float)
+    data.curves["knockout_relation"] = -0.4 * upper + rng.normal(0, 0.05, (n_facts, n_layers))
+    data.curves["knockout_subject"] = rng.normal(0, 0.05, (n_facts, n_layers))
+    data.curves["knockout_last"] = rng.normal(0, 0.05, (n_facts, n_layers))
+    data.curves["knockout_relation"][7] = np.nan  # a fact without relation tokens is left out
+    claims, stats = paired_claims({"relation": data}, n_resamples=200)
+    claim = next(c for c in claims if c.key == "knockout_relation")
+    assert claim.verdict == SUPPORTED and "over 119 paired facts" in claim.sentence
+    drop = next(s for s in stats if s.label.startswith("relative drop of p, relation"))
+    assert drop.estimate.value == pytest.approx(-0.4, abs=0.02)
+    flipped = {**data.curves, "knockout_relation": -data.curves["knockout_relation"]}
+    assert next(c for c in paired_claims({"relation": PerFact(data.case_ids, flipped)}, n_resamples=200)[0]
+                if c.key == "knockout_relation").verdict == NOT_SUPPORTED
 
 
 # -- the study's jobs, figures and report ----------------------------------------------------------
 def test_study_options_compose(compose_config):
     cfg = compose_config(*STUDY, "perspective=relation", "perspective.relation_span=phrase")
     assert cfg.stage.name == "trace" and cfg.dataset.name == "known" and cfg.stage.sample == 3
-    assert cfg.stage.n_facts is None and list(cfg.stage.kinds) == ["hidden", "mlp", "attn"] and cfg.stage.severed
+    assert cfg.stage.n_facts is None and list(cfg.stage.kinds) == ["hidden", "mlp", "attn", "knockout"] and cfg.stage.severed
     paper = compose_config("experiment=study")
     assert (paper.stage.samples, paper.stage.window, paper.stage.sample, paper.stage.sample_seed) == (10, 10, 100, 0)
     assert compose_config("stage=trace").stage.sample is None  # plain trace jobs: the first known facts, as before
@@ -206,7 +228,8 @@ def test_study_jobs_trace_the_same_seeded_sample_and_keep_per_fact_curves(study)
         per_fact = load_tensors(root / "sweep" / variant / "per_fact.safetensors")
         meta = read_json(root / "sweep" / variant / "per_fact.json")
         assert meta["case_ids"] == samples[0]["case_ids"] and meta["role"] == "last_corrupted"
-        assert set(meta["names"]) == {"hidden", "mlp", "attn", "hidden_severed_mlp", "hidden_severed_attn"}
+        assert set(meta["names"]) == {"hidden", "mlp", "attn", "hidden_severed_mlp", "hidden_severed_attn",
+                                      "knockout_subject", "knockout_relation", "knockout_last"}
         assert per_fact["mlp"].shape == (3, 4) and per_fact["p_corrupted"].shape == (3,)
         assert results[variant]["sample"]["size"] == 3
     # The per-fact curves average to the job's aggregate at the last corrupted token.
@@ -224,6 +247,8 @@ def test_study_figures_and_report(study, tmp_path):
                  ["--perspective", "relation", "--relation-span", "phrase"]):
         figures.main(["trace", "--sweep-dir", str(root / "sweep"), "--out", str(out), *args])
     figures.main(["severed", "--sweep-dir", str(root / "sweep"), "--out", str(out)])
+    figures.main(["knockout", "--sweep-dir", str(root / "sweep"), "--out", str(out)])
+    assert (out / "knockout.png").exists()
     for stem in ("trace_entity", "trace_relation", "trace_relation_phrase"):
         assert (out / f"{stem}_roles.png").exists() and (out / f"{stem}_per_fact.safetensors").exists()
     assert read_json(out / "trace_relation_phrase.json")["relation_span"] == "phrase"
@@ -231,6 +256,7 @@ def test_study_figures_and_report(study, tmp_path):
     text = path.read_text()
     assert "**too few facts (n=3)**: Relation perspective: the MLP effect sits in upper layers" in text
     assert "(phrase tokens)" in text and "## Paired tracing statistics" in text and "2.80 × SE" in text
+    assert "**too few facts (n=3)**: Knockout: blocking the last token's attention to the relation tokens" in text
     assert "marginal fallback" not in text and "`study`: run `make study`" not in text
 
 
