@@ -1,7 +1,7 @@
 """Values: optimise the vector added at the lookup token so that the model predicts the targets.
 
 ``optimize_values`` adds a learned ``delta`` to the activation ``hook`` (ROME:
-``blocks.{l}.hook_mlp_out``; MEMIT: ``blocks.{L}.hook_resid_post``) at the lookup token of every
+``blocks.{l}.mlp.hook_out``, the rewritten weight's output; MEMIT: ``blocks.{L}.hook_resid_post``) at the lookup token of every
 rewriting prompt (each context template x each rewrite) and of the KL prompts ("{} is a"), and
 minimises, per request (ROME's compute_v)::
 

@@ -99,7 +99,7 @@ def test_lookup_token_is_the_last_subject_token(tiny_gpt2):
 
 # ------------------------------------------------------------------------------------ values
 @pytest.mark.parametrize("relation_removal", ["spaced", "authors"])
-@pytest.mark.parametrize("hook", ["blocks.1.hook_mlp_out", "blocks.2.hook_resid_post"])
+@pytest.mark.parametrize("hook", ["blocks.1.mlp.hook_out", "blocks.2.hook_resid_post"])
 def test_cached_tail_optimisation_matches_the_full_forward_reference(tiny_model, hook, relation_removal):
     # (not the last layer: there the lookup token cannot reach the target's position, the gradient is
     # float noise around zero, and Adam's sign-like first steps would amplify it differently)
@@ -171,16 +171,20 @@ def test_rome_edit_is_rank_one_on_the_configured_layer_and_reaches_the_target(ti
     assert not changed(before, tiny_model)
 
 
-def test_rome_constraint_holds_for_the_bare_prompt(tiny_gpt2, cache):
+@pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_gemma3"])  # Gemma 3: v* lives before the MLP's post-norm
+def test_rome_constraint_holds_for_the_bare_prompt(name, model_cache, cache):
+    from tests.conftest import _load
+
+    loaded = _load(name, model_cache)
     editor = rome(cache)
     request = mother_tongue("English")
-    bare = encode_prompt(tiny_gpt2.tokenizer, "{}", request.key_template, request.subject)
-    with editor.apply(tiny_gpt2, [request]) as result:
-        out_proj = tiny_gpt2.adapter.module(tiny_gpt2.model, "mlp_out", 1)
-        key = keys_at(tiny_gpt2, [bare], [1])[1]
+    bare = encode_prompt(loaded.tokenizer, "{}", request.key_template, request.subject)
+    with editor.apply(loaded, [request]) as result:
+        out_proj = loaded.adapter.module(loaded.model, "mlp_out", 1)
+        key = keys_at(loaded, [bare], [1])[1]
         with torch.no_grad():
             now = out_proj(key)[0]
-    value = optimize_values(tiny_gpt2, [request], editor.contexts(tiny_gpt2), "blocks.1.hook_mlp_out",
+    value = optimize_values(loaded, [request], editor.contexts(loaded), "blocks.1.mlp.hook_out",
                             editor.config.value_settings())[0]
     torch.testing.assert_close(now, value.target, atol=1e-3, rtol=1e-3)
     assert result.restored

@@ -37,15 +37,21 @@ def test_residual_stream_adds_up(tiny_model):
 
 
 def test_mlp_out_weight_layout(tiny_model):
-    """The [d_model d_mlp] view maps the key (mlp.hook_post) to the MLP output."""
+    """The [d_model d_mlp] view maps the key (mlp.hook_post) to the out projection's output (mlp.hook_out)."""
     adapter, model = tiny_model.adapter, tiny_model.model
     layer = 1
-    _, cache = run_with_cache(model, adapter, [f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.hook_mlp_out"], **_encode(tiny_model))
+    names = [f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.mlp.hook_out", f"blocks.{layer}.hook_mlp_out"]
+    _, cache = run_with_cache(model, adapter, names, **_encode(tiny_model))
     weight = adapter.mlp_out_matrix(model, layer)
     assert weight.shape == (adapter.d_model, adapter.d_mlp)
     bias = getattr(adapter.module(model, "mlp_out", layer), "bias", None)
     expected = cache[f"blocks.{layer}.mlp.hook_post"] @ weight.T + (0 if bias is None else bias)
-    torch.testing.assert_close(expected, cache[f"blocks.{layer}.hook_mlp_out"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(expected, cache[f"blocks.{layer}.mlp.hook_out"], atol=1e-5, rtol=1e-5)
+    if adapter.family != "gemma3":  # the MLP adds its out projection's output to the residual stream ...
+        torch.testing.assert_close(cache[f"blocks.{layer}.mlp.hook_out"], cache[f"blocks.{layer}.hook_mlp_out"], atol=0, rtol=0)
+    else:  # ... Gemma 3 adds it after post_feedforward_layernorm: hook_mlp_out = norm(mlp.hook_out)
+        norm = model.model.layers[layer].post_feedforward_layernorm
+        torch.testing.assert_close(norm(cache[f"blocks.{layer}.mlp.hook_out"]), cache[f"blocks.{layer}.hook_mlp_out"])
     delta = torch.arange(adapter.d_model * adapter.d_mlp, dtype=torch.float32).reshape(adapter.d_model, adapter.d_mlp)
     assert adapter.to_stored_layout(delta).shape == adapter.mlp_out_weight(model, layer).shape
 

@@ -16,8 +16,14 @@ name                           activation                                      s
 ``blocks.{l}.hook_attn_out``   attention output (added to the residual)        [batch pos d_model]
 ``blocks.{l}.hook_mlp_out``    MLP output (added to the residual)              [batch pos d_model]
 ``blocks.{l}.mlp.hook_post``   MLP hidden activation = input of the out proj   [batch pos d_mlp]
+``blocks.{l}.mlp.hook_out``    output of the out proj (the rewritten weight)   [batch pos d_model]
 ``hook_final_norm``            output of the final layer norm                  [batch pos d_model]
 =============================  ==============================================  ==================
+
+``hook_mlp_out`` is what the MLP adds to the residual stream (tracing restores it); ``mlp.hook_out``
+is what the rewritten weight W_out produces (ROME's v* and MEND's output gradient live there, so
+W_out k = v can be solved). They are one tensor in GPT-2, GPT-J and Llama; in Gemma 3 a post-norm
+sits between them (``models/adapters/gemma3.py``).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from core.errors import ModelError
 
 WeightLayout = Literal["linear", "conv1d"]
 
-_BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|mlp\.hook_post)$")
+_BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|mlp\.hook_post|mlp\.hook_out)$")
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,7 @@ class ArchitectureAdapter:
             "hook_attn_out": HookPoint(self.attn.format(layer=layer), "output"),
             "hook_mlp_out": HookPoint(self.mlp.format(layer=layer), "output"),
             "mlp.hook_post": HookPoint(self.mlp_out.format(layer=layer), "input"),
+            "mlp.hook_out": HookPoint(self.mlp_out.format(layer=layer), "output"),
         }
         return table[kind]
 
@@ -88,6 +95,7 @@ class ArchitectureAdapter:
                 f"blocks.{layer}.hook_mlp_out",
                 f"blocks.{layer}.hook_resid_post",
                 f"blocks.{layer}.mlp.hook_post",
+                f"blocks.{layer}.mlp.hook_out",
             ]
         return names + ["hook_final_norm"]
 
