@@ -51,6 +51,22 @@ class PrefixCache:
         return 0 if layer_idx not in self.prefix else self.prefix[layer_idx][0].shape[2]
 
 
+def cache_state(cache: Any) -> list[dict[str, Any]]:
+    """A snapshot of a transformers ``Cache``'s layers (tensors by reference) for ``restore_cache_state``.
+
+    The whole layer state, not only keys and values: a sliding-window layer (Gemma 3) also counts the
+    tokens it has seen (``cumulative_length``), and a forward that is undone must undo that count too.
+    """
+    return [dict(vars(layer)) for layer in cache.layers]
+
+
+def restore_cache_state(cache: Any, state: list[dict[str, Any]]) -> None:
+    """Put a cache back as ``cache_state`` found it (e.g. back to a prompt's prefix after a forward)."""
+    for layer, saved in zip(cache.layers, state):
+        vars(layer).clear()
+        vars(layer).update(saved)
+
+
 class BlockStack:
     """The model's decoder blocks as callable steps (embed -> blocks l..L-1 -> final norm + unembed)."""
 
