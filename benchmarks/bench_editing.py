@@ -52,7 +52,7 @@ def main(args) -> dict:
         fast += time.perf_counter() - started
         fast_prob.append(result.infos[0][f"layer_{layer}"]["target_prob"])
         started = time.perf_counter()
-        value = optimize_value_reference(loaded, request, contexts, f"blocks.{layer}.hook_mlp_out", rome.config.value_settings())
+        value = optimize_value_reference(loaded, request, contexts, f"blocks.{layer}.mlp.hook_out", rome.config.value_settings())
         slow += time.perf_counter() - started
         slow_prob.append(value.target_prob)
     memit = build_editor(editor_config("memit", model="smollm2_135m"), cache_dir=cache_dir)

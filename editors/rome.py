@@ -67,7 +67,7 @@ class Rome(Editor):
             info: dict[str, Any] = {"case_id": request.case_id, "request": request.describe()}
             for layer in sorted(self.config.layers):
                 key_star = request_keys(loaded, [request], contexts, [layer])[layer][0]  # [d_mlp]
-                value = optimize_values(loaded, [request], contexts, f"blocks.{layer}.hook_mlp_out", self.config.value_settings())[0]
+                value = optimize_values(loaded, [request], contexts, f"blocks.{layer}.mlp.hook_out", self.config.value_settings())[0]
                 if self.config.constraint_key == "prompt":
                     bare = encode_prompt(loaded.tokenizer, "{}", request.rewrites[0].template, request.subject, request.lookup)
                     key_constraint = keys_at(loaded, [bare], [layer])[layer][0]

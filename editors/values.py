@@ -1,7 +1,7 @@
 """Values: optimise the vector added at the lookup token so that the model predicts the targets.
 
 ``optimize_values`` adds a learned ``delta`` to the activation ``hook`` (ROME:
-``blocks.{l}.hook_mlp_out``; MEMIT: ``blocks.{L}.hook_resid_post``) at the lookup token of every
+``blocks.{l}.mlp.hook_out``, the rewritten weight's output; MEMIT: ``blocks.{L}.hook_resid_post``) at the lookup token of every
 rewriting prompt (each context template x each rewrite) and of the KL prompts ("{} is a"), and
 minimises, per request (ROME's compute_v)::
 
@@ -33,6 +33,7 @@ from torch import Tensor
 from editors.config import ValueSettings
 from editors.keys import encode_prompt, request_contexts
 from editors.requests import EditRequest
+from models.blocks import cache_state, restore_cache_state
 from models.hooks import Hooks
 from models.load import LoadedModel
 
@@ -145,7 +146,7 @@ class _TailModel:
                 out = loaded.model(input_ids=rows.head, attention_mask=rows.head_mask, position_ids=positions[:, :self.width_h],
                                    use_cache=True)
             self.cache = out.past_key_values
-            self.saved = [(layer.keys, layer.values) for layer in self.cache.layers]
+            self.saved = cache_state(self.cache)
 
     def __call__(self, hooks: dict) -> Tensor:
         store: dict[str, Tensor] = {}
@@ -160,8 +161,7 @@ class _TailModel:
                 self.loaded.model(input_ids=self.rows.tail, attention_mask=self.mask, position_ids=self.tail_positions, **kwargs)
         finally:
             if self.cache is not None:  # back to the head only (and out of this step's autograd graph)
-                for layer, (keys, values) in zip(self.cache.layers, self.saved):
-                    layer.keys, layer.values = keys, values
+                restore_cache_state(self.cache, self.saved)
         return store["hook_final_norm"]  # [row T d_model]
 
 

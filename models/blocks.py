@@ -5,12 +5,14 @@ and every position before the restored token is identical to the corrupted run, 
 can start at block l from a cached residual state, compute only positions >= t while attending to
 the cached keys/values of positions < t (a ``PrefixCache``), and read logits at the last position
 only. ``BlockStack`` hides the per-family calling convention (GPT-2 learned positions, GPT-J and
-Llama rotary embeddings) behind one interface; the modules are the model's own, so hooks placed
+Llama rotary embeddings, Gemma 3's alternating sliding-window and global layers with their own
+rotary bases) behind one interface; the modules are the model's own, so hooks placed
 with ``models.hooks.Hooks`` fire as in a normal forward pass.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -49,6 +51,22 @@ class PrefixCache:
         return 0 if layer_idx not in self.prefix else self.prefix[layer_idx][0].shape[2]
 
 
+def cache_state(cache: Any) -> list[dict[str, Any]]:
+    """A snapshot of a transformers ``Cache``'s layers (tensors by reference) for ``restore_cache_state``.
+
+    The whole layer state, not only keys and values: a sliding-window layer (Gemma 3) also counts the
+    tokens it has seen (``cumulative_length``), and a forward that is undone must undo that count too.
+    """
+    return [dict(vars(layer)) for layer in cache.layers]
+
+
+def restore_cache_state(cache: Any, state: list[dict[str, Any]]) -> None:
+    """Put a cache back as ``cache_state`` found it (e.g. back to a prompt's prefix after a forward)."""
+    for layer, saved in zip(cache.layers, state):
+        vars(layer).clear()
+        vars(layer).update(saved)
+
+
 class BlockStack:
     """The model's decoder blocks as callable steps (embed -> blocks l..L-1 -> final norm + unembed)."""
 
@@ -63,6 +81,9 @@ class BlockStack:
         self.blocks = [adapter.module(model, "block", layer) for layer in range(adapter.n_layers)]
         self.final_norm = adapter.module(model, "final_norm")
         self.unembed = adapter.get_module(model, adapter.unembed)
+        # Gemma 3 (and Qwen2/3 with sliding windows) name each layer's attention type; the rest are all global.
+        self.layer_types = list(getattr(model.config, "layer_types", None) or ["full_attention"] * adapter.n_layers)
+        self.sliding_window = getattr(model.config, "sliding_window", None)
 
     @property
     def n_layers(self) -> int:
@@ -90,30 +111,39 @@ class BlockStack:
         drop = getattr(self.base, "drop", None)
         return drop(hidden) if drop is not None else hidden
 
-    def position_kwargs(self, positions: Tensor, n_prefix: int) -> dict[str, Any]:
-        """Keyword arguments every block of one run shares: mask, position ids, rotary embeddings."""
+    def position_kwargs(self, positions: Tensor, n_prefix: int) -> dict[str, dict[str, Any]]:
+        """Per attention type, the keyword arguments every block of that type shares in one run:
+        mask, position ids, rotary embeddings (``run_block`` picks its layer's)."""
         position_ids = positions[None]  # [1 pos]
-        kwargs: dict[str, Any] = {"attention_mask": self.causal_mask(n_prefix, positions.shape[0]),
-                                  "position_ids": position_ids}
         rotary = getattr(self.base, "rotary_emb", None)
-        if rotary is not None:
-            probe = torch.zeros(1, positions.shape[0], 1, dtype=self.dtype, device=self.device)
-            kwargs["position_embeddings"] = rotary(probe, position_ids)
-        return kwargs
+        by_type = {}
+        for layer_type in dict.fromkeys(self.layer_types):
+            window = self.sliding_window if layer_type == "sliding_attention" else None
+            kwargs: dict[str, Any] = {"attention_mask": self.causal_mask(n_prefix, positions.shape[0], window),
+                                      "position_ids": position_ids}
+            if rotary is not None:
+                probe = torch.zeros(1, positions.shape[0], 1, dtype=self.dtype, device=self.device)
+                typed = "layer_type" in inspect.signature(rotary.forward).parameters
+                kwargs["position_embeddings"] = rotary(probe, position_ids, layer_type) if typed else rotary(probe, position_ids)
+            by_type[layer_type] = kwargs
+        return by_type
 
-    def causal_mask(self, n_prefix: int, n_query: int) -> Tensor:  # [1 1 query prefix+query]
-        """Additive mask: query i (absolute position n_prefix + i) sees keys 0..n_prefix + i."""
+    def causal_mask(self, n_prefix: int, n_query: int, window: int | None = None) -> Tensor:  # [1 1 query prefix+query]
+        """Additive mask: query i (absolute position q = n_prefix + i) sees keys 0..q, or only keys
+        q - window < k <= q in a sliding-window layer (transformers' ``sliding_window_overlay``)."""
         keys = torch.arange(n_prefix + n_query, device=self.device)
         queries = torch.arange(n_query, device=self.device) + n_prefix
         allowed = keys[None, :] <= queries[:, None]
+        if window is not None:
+            allowed &= keys[None, :] > queries[:, None] - window
         mask = torch.zeros(n_query, n_prefix + n_query, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         return mask[None, None]
 
     # -- blocks and logits ---------------------------------------------------------
-    def run_block(self, layer: int, hidden: Tensor, kwargs: dict[str, Any], cache: PrefixCache | None = None) -> Tensor:
+    def run_block(self, layer: int, hidden: Tensor, kwargs: dict[str, dict[str, Any]], cache: PrefixCache | None = None) -> Tensor:
         """One decoder block on ``hidden`` ([batch pos d_model]) with shared ``position_kwargs``."""
-        out = self.blocks[layer](hidden, cache=cache, use_cache=cache is not None, **kwargs)
+        out = self.blocks[layer](hidden, cache=cache, use_cache=cache is not None, **kwargs[self.layer_types[layer]])
         return out[0] if isinstance(out, tuple) else out
 
     def run(self, hidden: Tensor, positions: Tensor, start: int = 0, stop: int | None = None,

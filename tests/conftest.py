@@ -14,7 +14,7 @@ os.environ.setdefault("KLOC_CACHE_DIR", str(ROOT / ".cache"))
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-TINY_MODELS = ("tiny_gpt2", "tiny_gptj", "tiny_llama")
+TINY_MODELS = ("tiny_gpt2", "tiny_gptj", "tiny_llama", "tiny_gemma3")
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +32,7 @@ def _load(name: str, cache: dict):
 
 @pytest.fixture(scope="session", params=TINY_MODELS)
 def tiny_model(request, model_cache):
-    """Each tiny random family in turn (gpt2, gptj, llama); weights must be restored by tests that edit."""
+    """Each tiny random family in turn (gpt2, gptj, llama, gemma3); weights must be restored by tests that edit."""
     return _load(request.param, model_cache)
 
 

@@ -50,6 +50,22 @@ def top_token(loaded, prompt: str) -> str:
         return loaded.tokenizer.decode(loaded.model(**ids).logits[0, -1].argmax()).strip()
 
 
+def target_logprob(loaded, prompt: str, target: str) -> float:
+    ids = loaded.tokenizer(prompt, return_tensors="pt").to(loaded.device)
+    token = loaded.tokenizer(" " + target, add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        return float(loaded.model(**ids).logits[0, -1].log_softmax(-1)[token])
+
+
+def reaches(loaded, prompt: str, target: str, before: float) -> bool:
+    """Top-1 after the edit; for Gemma 3, a rise of 1 nat. Its post-norm fixes each MLP output's rms at
+    |1 + weight| (1 in a random model) whatever the rewritten weight gives, so one random layer cannot
+    outvote the others as an unbounded v* can in the other families."""
+    if loaded.adapter.family == "gemma3":
+        return target_logprob(loaded, prompt, target) > before + 1.0
+    return top_token(loaded, prompt) == target
+
+
 def weights(loaded) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
 
@@ -101,7 +117,7 @@ def test_lookup_token_is_the_last_subject_token(tiny_gpt2):
 
 # ------------------------------------------------------------------------------------ values
 @pytest.mark.parametrize("relation_removal", ["spaced", "authors"])
-@pytest.mark.parametrize("hook", ["blocks.1.hook_mlp_out", "blocks.2.hook_resid_post"])
+@pytest.mark.parametrize("hook", ["blocks.1.mlp.hook_out", "blocks.2.hook_resid_post"])
 def test_cached_tail_optimisation_matches_the_full_forward_reference(tiny_model, hook, relation_removal):
     # (not the last layer: there the lookup token cannot reach the target's position, the gradient is
     # float noise around zero, and Adam's sign-like first steps would amplify it differently)
@@ -162,27 +178,32 @@ def test_rome_edit_is_rank_one_on_the_configured_layer_and_reaches_the_target(ti
     before = weights(tiny_model)
     prompt = "Mother tongue: Danielle Darrieux"
     target = "English" if top_token(tiny_model, prompt) != "English" else "Paris"
+    start = target_logprob(tiny_model, prompt, target)
     with rome(cache).apply(tiny_model, [subject_last(target)]) as result:
         name = mlp_out_name(tiny_model, 1)
         assert changed(before, tiny_model) == {name}
         update = dict(tiny_model.model.named_parameters())[name].detach() - before[name]
         assert torch.linalg.matrix_rank(update, rtol=1e-4) == 1
-        assert top_token(tiny_model, prompt) == target
+        assert reaches(tiny_model, prompt, target, start), result.infos
         with applied(tiny_model.model, WeightDeltas()):  # nesting is harmless
             pass
     assert not changed(before, tiny_model)
 
 
-def test_rome_constraint_holds_for_the_bare_prompt(tiny_gpt2, cache):
+@pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_gemma3"])  # Gemma 3: v* lives before the MLP's post-norm
+def test_rome_constraint_holds_for_the_bare_prompt(name, model_cache, cache):
+    from tests.conftest import _load
+
+    loaded = _load(name, model_cache)
     editor = rome(cache)
     request = mother_tongue("English")
-    bare = encode_prompt(tiny_gpt2.tokenizer, "{}", request.key_template, request.subject)
-    with editor.apply(tiny_gpt2, [request]) as result:
-        out_proj = tiny_gpt2.adapter.module(tiny_gpt2.model, "mlp_out", 1)
-        key = keys_at(tiny_gpt2, [bare], [1])[1]
+    bare = encode_prompt(loaded.tokenizer, "{}", request.key_template, request.subject)
+    with editor.apply(loaded, [request]) as result:
+        out_proj = loaded.adapter.module(loaded.model, "mlp_out", 1)
+        key = keys_at(loaded, [bare], [1])[1]
         with torch.no_grad():
             now = out_proj(key)[0]
-    value = optimize_values(tiny_gpt2, [request], editor.contexts(tiny_gpt2), "blocks.1.hook_mlp_out",
+    value = optimize_values(loaded, [request], editor.contexts(loaded), "blocks.1.mlp.hook_out",
                             editor.config.value_settings())[0]
     torch.testing.assert_close(now, value.target, atol=1e-3, rtol=1e-3)
     assert result.restored
@@ -230,9 +251,11 @@ def memit(cache, **overrides):
 def test_memit_changes_only_the_configured_layers_and_edits(tiny_model, cache):
     before = weights(tiny_model)
     requests = [subject_last("English"), subject_last("Paris", "Toko Yasuda", 1), subject_last("English", "Apple A5", 2)]
+    prompts = [r.rewrites[0].template.replace("{}", r.subject) for r in requests]
+    starts = [target_logprob(tiny_model, p, r.target) for p, r in zip(prompts, requests)]
     with memit(cache).apply(tiny_model, requests) as result:
         assert changed(before, tiny_model) == {mlp_out_name(tiny_model, 1), mlp_out_name(tiny_model, 2)}
-        hits = [top_token(tiny_model, r.rewrites[0].template.replace("{}", r.subject)) == r.target for r in requests]
+        hits = [reaches(tiny_model, p, r.target, start) for p, r, start in zip(prompts, requests, starts)]
         assert sum(hits) >= 2, (hits, result.infos)
     assert not changed(before, tiny_model)
 

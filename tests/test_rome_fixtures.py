@@ -111,7 +111,7 @@ def test_optimised_value_matches(tiny_gpt2, reference):
     layer, contexts = inputs["layer"], inputs["context_templates"]
     settings = settings_of(inputs["hparams"])
     for i, request in enumerate(requests_of(inputs)):
-        value = optimize_values(tiny_gpt2, [request], contexts, f"blocks.{layer}.hook_mlp_out", settings)[0]
+        value = optimize_values(tiny_gpt2, [request], contexts, f"blocks.{layer}.mlp.hook_out", settings)[0]
         assert relative(value.init, tensors[f"r{i}.init"]) < DETERMINISTIC
         assert len(value.losses) == inputs["reference_steps"][str(i)]
         assert relative(value.target, tensors[f"r{i}.target"]) < optimiser_tolerance(tensors, i)
@@ -174,11 +174,11 @@ def test_relation_value_authors_removal(tiny_gpt2, rake):
     layer, contexts = inputs["layer"], inputs["context_templates"]
     authors = dataclasses.replace(settings_of(inputs["hparams"]), relation_removal="authors")
     for i, request in enumerate(relation_requests_of(inputs)):
-        value = optimize_values(tiny_gpt2, [request], contexts, f"blocks.{layer}.hook_mlp_out", authors)[0]
+        value = optimize_values(tiny_gpt2, [request], contexts, f"blocks.{layer}.mlp.hook_out", authors)[0]
         assert relative(value.init, tensors[f"r{i}.init"]) < DETERMINISTIC
         assert len(value.losses) == inputs["reference_steps"][str(i)]
         assert relative(value.target, tensors[f"r{i}.target"]) < optimiser_tolerance(tensors, i)
-        spaced = optimize_values(tiny_gpt2, [request], contexts, f"blocks.{layer}.hook_mlp_out", settings_of(inputs["hparams"]))[0]
+        spaced = optimize_values(tiny_gpt2, [request], contexts, f"blocks.{layer}.mlp.hook_out", settings_of(inputs["hparams"]))[0]
         assert relative(spaced.target, tensors[f"r{i}.target"]) > optimiser_tolerance(tensors, i)
 
 

@@ -27,6 +27,10 @@ STD_VERSION = 1
 def embedding_std(loaded: LoadedModel, subjects: Sequence[str], cache_dir: str | Path | None = None) -> float:
     """Std of all token-embedding entries of the given subjects (each tokenized on its own, as ROME).
 
+    Measured on the embedding module's output (``hook_embed``), the tensor the noise is added to and
+    block 0 sees: the weight rows for GPT-2, GPT-J and Llama, sqrt(d_model) times them for Gemma 3,
+    whose embedding module scales inside.
+
     Cached per (model, subjects) when ``cache_dir`` is given.
     """
     subjects = sorted(set(subjects))
@@ -47,9 +51,9 @@ def embedding_std(loaded: LoadedModel, subjects: Sequence[str], cache_dir: str |
 
 
 def _subject_std(loaded: LoadedModel, subjects: Sequence[str]) -> float:
-    embed = loaded.adapter.embedding_matrix(loaded.model)
+    embed = loaded.adapter.module(loaded.model, "embed")
     ids = [i for subject in subjects for i in loaded.tokenizer(subject, add_special_tokens=False)["input_ids"]]
-    rows = embed[torch.tensor(ids, device=embed.device)].double()  # [token d_model]
+    rows = embed(torch.tensor(ids, device=loaded.device)).double()  # [token d_model]
     std = float(rows.std())
     log.info("embedding std over %d subjects (%d tokens): %.5f", len(subjects), len(ids), std)
     return std

@@ -3,8 +3,8 @@
 ``gradient_factors`` runs the unedited model on teacher-forced (prompt, target) rows and returns,
 per edited layer, the out projection's input u (``blocks.{l}.mlp.hook_post``) and the gradient of
 the target NLL (averaged over all target tokens of the batch, as the authors' ``masked_log_probs``)
-at its output delta (``blocks.{l}.hook_mlp_out``; the MLP's output is the
-projection's output in eval mode) for every real token. ``edited_forward`` runs the model with
+at its output delta (``blocks.{l}.mlp.hook_out``, the projection's own output: before Gemma 3's
+post-norm, the MLP's output elsewhere) for every real token. ``edited_forward`` runs the model with
 W_l + Delta W_l substituted (``torch.func.functional_call``), so a training loss backpropagates
 into the hypernetwork, and the same deltas added in place give the same logits at edit time.
 """
@@ -53,7 +53,7 @@ def gradient_factors(loaded: LoadedModel, batch: TargetBatch, layers: list[int])
     fns = {}
     for layer in layers:
         fns[f"blocks.{layer}.mlp.hook_post"] = keep_input
-        fns[f"blocks.{layer}.hook_mlp_out"] = add_probe
+        fns[f"blocks.{layer}.mlp.hook_out"] = add_probe
     with torch.enable_grad(), Hooks(loaded.model, loaded.adapter, fns):
         logits = loaded.model(**batch.inputs()).logits  # [batch pos vocab]
         loss = token_mean_nll(logits, batch)

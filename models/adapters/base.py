@@ -23,6 +23,9 @@ name                           activation                                      s
 ``blocks.{l}.attn.hook_z``     heads' outputs, concatenated = input of the     [batch pos d_attn]
                                attention output projection (c_proj / out_proj
                                / o_proj)
+``blocks.{l}.mlp.hook_out``    output of the out proj (the rewritten weight)   [batch pos d_model]
+``blocks.{l}.attn.hook_out``   output of the attention out proj (rewritten by  [batch pos d_model]
+                               rome_attn)
 ``hook_final_norm``            output of the final layer norm                  [batch pos d_model]
 ``blocks.{l}.attn.hook_mask``  which keys each query may attend to (bool,      [batch|1 head|1
                                True = allowed; see ``models.hooks``)           query key]
@@ -30,6 +33,12 @@ name                           activation                                      s
 
 ``hook_names`` lists the activations; ``blocks.{l}.attn.hook_mask`` is the one mask point (the
 ``attention_mask`` keyword the attention module receives), used to block attention edges.
+
+``hook_mlp_out`` is what the MLP adds to the residual stream (tracing restores it); ``mlp.hook_out``
+is what the rewritten weight W_out produces (ROME's v* and MEND's output gradient live there, so
+W_out k = v can be solved). They are one tensor in GPT-2, GPT-J and Llama; in Gemma 3 a post-norm
+sits between them (``models/adapters/gemma3.py``). Likewise ``hook_attn_out`` and
+``attn.hook_out`` (the attention output projection's own output).
 """
 
 from __future__ import annotations
@@ -45,12 +54,12 @@ from core.errors import ModelError
 WeightLayout = Literal["linear", "conv1d"]
 
 _BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|mlp\.hook_post|mlp\.hook_pre"
-                         r"|attn\.hook_z|attn\.hook_mask)$")
+                         r"|mlp\.hook_out|attn\.hook_z|attn\.hook_out|attn\.hook_mask)$")
 
-# A rewritable projection ("mlp_out", "attn_out") -> (its input hook = the key, its output hook = the value).
+# A rewritable projection ("mlp_out", "attn_out") -> (its input hook = the key, its own output = the value).
 PROJECTIONS: dict[str, tuple[str, str]] = {
-    "mlp_out": ("blocks.{layer}.mlp.hook_post", "blocks.{layer}.hook_mlp_out"),
-    "attn_out": ("blocks.{layer}.attn.hook_z", "blocks.{layer}.hook_attn_out"),
+    "mlp_out": ("blocks.{layer}.mlp.hook_post", "blocks.{layer}.mlp.hook_out"),
+    "attn_out": ("blocks.{layer}.attn.hook_z", "blocks.{layer}.attn.hook_out"),
 }
 
 
@@ -84,6 +93,7 @@ class ArchitectureAdapter:
     attn_out: str  # the attention output projection; its input is ``attn.hook_z``
     attn_out_layout: WeightLayout
     d_attn: int  # heads x head_dim (the width of ``attn.hook_z``)
+    attn_core: str | None = None  # the attention module proper, which receives attention_mask (None: ``attn``)
 
     # -- names -----------------------------------------------------------------
     def hook_point(self, name: str) -> HookPoint:
@@ -103,8 +113,10 @@ class ArchitectureAdapter:
             "hook_mlp_out": HookPoint(self.mlp.format(layer=layer), "output"),
             "mlp.hook_post": HookPoint(self.mlp_out.format(layer=layer), "input"),
             "mlp.hook_pre": HookPoint(self.mlp_in.format(layer=layer), "output"),
-            "attn.hook_mask": HookPoint(self.attn.format(layer=layer), "input", argument="attention_mask"),
+            "attn.hook_mask": HookPoint((self.attn_core or self.attn).format(layer=layer), "input", argument="attention_mask"),
             "attn.hook_z": HookPoint(self.attn_out.format(layer=layer), "input"),
+            "mlp.hook_out": HookPoint(self.mlp_out.format(layer=layer), "output"),
+            "attn.hook_out": HookPoint(self.attn_out.format(layer=layer), "output"),
         }
         return table[kind]
 
@@ -119,6 +131,8 @@ class ArchitectureAdapter:
                 f"blocks.{layer}.mlp.hook_post",
                 f"blocks.{layer}.mlp.hook_pre",
                 f"blocks.{layer}.attn.hook_z",
+                f"blocks.{layer}.mlp.hook_out",
+                f"blocks.{layer}.attn.hook_out",
             ]
         return names + ["hook_final_norm"]
 
