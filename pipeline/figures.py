@@ -48,7 +48,7 @@ from pipeline.paired import trace_stem
 from pipeline.stages.trace import PER_FACT
 from tracing import severed_key
 from tracing.aggregate import KNOCKOUT, RoleAIE
-from tracing.plots import plot_aie_curves, plot_knockout, plot_role_heatmaps, plot_severed, save_figure
+from tracing.plots import plot_aie_curves, plot_knockout, plot_role_heatmaps, plot_severed, save_figure, titled
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,8 @@ def write_trace(sweep_dir: Path, perspective: str, out: Path, relation_span: str
     kinds = [aggregates[name] for name in KINDS if name in aggregates]
     name = trace_stem(perspective, relation_span)
     stem = out / name
-    paths = save_figure(plot_role_heatmaps(kinds), f"{stem}_roles") + save_figure(plot_aie_curves(kinds), f"{stem}_curves")
+    paths = (save_figure(plot_role_heatmaps(kinds, model=meta["model"]), f"{stem}_roles")
+             + save_figure(plot_aie_curves(kinds, model=meta["model"]), f"{stem}_curves"))
     rows = [row for agg in aggregates.values() for row in agg.rows()]
     paths.append(atomic_write_text(out / f"{name}_aie.csv", pd.DataFrame(rows).to_csv(index=False)))
     paths.append(atomic_write_json(out / f"{name}.json", meta))
@@ -127,17 +128,19 @@ def _copy(source: Path, target: Path) -> Path:
 
 def write_severed(sweep_dir: Path, out: Path, perspectives: Sequence[str] = ("entity", "relation")) -> list[Path]:
     """One panel per perspective; the relation panel is the ``relation_span=template`` job's."""
-    panels = []
+    panels, models = [], set()
     for perspective in perspectives:
-        aggregates, _ = job_aggregates(trace_job(sweep_dir, perspective, kinds=("hidden",)))
+        aggregates, meta = job_aggregates(trace_job(sweep_dir, perspective, kinds=("hidden",)))
         present = {name: aggregates[name] for name in SEVERED if name in aggregates}
         if len(present) < 2:
             raise DataError("stage.severed", False, f"the {perspective} trace job has no severed traces",
                             hint="rerun it with stage.severed=true (make fig-severed does)")
         panels.append(present)
-    figure = Figure(figsize=(6.0 * len(panels), 3.4), layout="constrained")
+        models.add(meta["model"])
+    figure = Figure(figsize=(6.0 * len(panels), 3.8), layout="constrained")
     for i, present in enumerate(panels):
         plot_severed(present, ax=figure.add_subplot(1, len(panels), i + 1))
+    figure.suptitle(titled("hidden-state AIE with later MLP / attention severed", " / ".join(sorted(models))), fontsize=10)
     return save_figure(figure, out / "severed")
 
 
@@ -156,7 +159,8 @@ def write_knockout(sweep_dir: Path, out: Path, perspectives: Sequence[str] = ("e
         raise missing[0]
     for err in missing:
         log.warning("knockout figure without a perspective: %s", err)
-    paths = save_figure(plot_knockout(found, window=metas[0]["settings"]["window"]), out / "knockout")
+    model = " / ".join(sorted({meta["model"] for meta in metas}))
+    paths = save_figure(plot_knockout(found, window=metas[0]["settings"]["window"], model=model), out / "knockout")
     rows = [row for agg in found for row in agg.rows()]
     paths.append(atomic_write_text(out / "knockout.csv", pd.DataFrame(rows).to_csv(index=False)))
     paths.append(atomic_write_json(out / "knockout.json", {meta["perspective"]: meta for meta in metas}))

@@ -87,6 +87,30 @@ def test_figure_commands_and_report(sweep, tmp_path):
     assert "| rome | entity | entity | reliability |" in table and "99.93" in table
     assert (out / "editing.png").stat().st_size > 0 and (out / "editing.pdf").stat().st_size > 0
 
+    # Every figure names its model; a role without tokens reads n/a (tiny_gpt2's relation facts have no
+    # subsequent tokens), in the heatmap rows and in the curves' legend.
+    import matplotlib.text
+
+    drawn = {}
+
+    def keep(fig, stem):
+        drawn[stem.name if hasattr(stem, "name") else stem.rsplit("/", 1)[-1]] = fig
+        return []
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(figures, "save_figure", keep)
+        figures.write_trace(sweep / "sweep", "relation", tmp_path / "again")
+        figures.write_severed(sweep / "sweep", tmp_path / "again")
+    assert set(drawn) == {"trace_relation_roles", "trace_relation_curves", "severed"}
+    assert all(fig.get_suptitle().startswith("tiny_gpt2: ") for fig in drawn.values())
+    aggregates, _ = figures.job_aggregates(sweep / "sweep" / "trace-relation")
+    empty = [r for r, n in enumerate(aggregates["hidden"].tokens) if int(n) == 0]
+    assert empty  # else this check checks nothing
+    texts = [t.get_text() for ax in drawn["trace_relation_roles"].axes for t in ax.findobj(matplotlib.text.Text)]
+    assert texts.count("n/a") == len(empty) * 3  # each empty row of the hidden / mlp / attn panels
+    legend = [t.get_text() for t in drawn["trace_relation_curves"].legends[0].get_texts()]
+    assert sum(label.endswith(": n/a") for label in legend) == len(empty) and len(legend) == len(aggregates["hidden"].roles)
+
     report_path = report.main(["--figures-dir", str(out), "--out", str(tmp_path / "reports" / "tiny_gpt2" / "report.md")])
     text = report_path.read_text()
     assert "../../figures/tiny_gpt2/severed.png" in text and "inconclusive" in text  # 2 facts, 2 cases: no verdicts

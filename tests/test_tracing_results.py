@@ -150,7 +150,8 @@ def test_trace_api_save_load_cache_and_plot(tiny_gpt2, tmp_path, monkeypatch):
     assert torch.equal(cached.scores["hidden"], result.scores["hidden"])
 
     plot_trace(result, "hidden", path=tmp_path / "fig" / "hidden")
-    plot_trace_grid(result, tmp_path / "fig" / "grid")
+    grid = plot_trace_grid(result, tmp_path / "fig" / "grid")
+    assert grid.get_suptitle().startswith(f"{result.model['name']}: 'The capital of Italy is'")  # names its model
     aggs = {n: aggregate_aie([result], n, n_bootstrap=20) for n in result.scores}
     plot_role_heatmaps([aggs["hidden"], aggs["attn"]], tmp_path / "fig" / "roles")
     plot_aie_curves([aggs["hidden"]], tmp_path / "fig" / "curves")

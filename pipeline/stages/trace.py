@@ -117,7 +117,7 @@ def trace_known_facts(cfg: DictConfig, stage: TraceStageConfig, loaded: LoadedMo
     aie_path = atomic_save_tensors(job_dir / "aie.safetensors", {k: v for agg in aggregates.values() for k, v in agg.tensors().items()})
     atomic_write_jsonl(job_dir / "aie.jsonl", rows)
     paths += save_per_fact(job_dir, results, settings.score_names)
-    figures = _figures(results, aggregates, settings, job_dir / "figures", stage.plot_facts)
+    figures = _figures(results, aggregates, settings, job_dir / "figures", stage.plot_facts, loaded.identity["name"])
 
     logger.log_artifact(f"trace-{perspective}", paths + [aie_path], "traces")
     logger.log_table(f"trace/{perspective}/aie", rows)
@@ -236,21 +236,21 @@ def _peaks(agg) -> dict:
     return out
 
 
-def _figures(results, aggregates, settings: TraceSettings, directory: Path, plot_facts: int) -> list[Path]:
+def _figures(results, aggregates, settings: TraceSettings, directory: Path, plot_facts: int, model: str) -> list[Path]:
     figures = []
     for result in results[:plot_facts]:
         plot_trace_grid(result, directory / f"case_{result.case_id}")
         figures.append(directory / f"case_{result.case_id}.png")
     kinds = [aggregates[k] for k in settings.restored]
     if kinds:
-        plot_role_heatmaps(kinds, directory / "aie_roles")
-        plot_aie_curves(kinds, directory / "aie_curves")
+        plot_role_heatmaps(kinds, directory / "aie_roles", model=model)
+        plot_aie_curves(kinds, directory / "aie_curves", model=model)
         figures += [directory / "aie_roles.png", directory / "aie_curves.png"]
     if settings.severed:
         plot_severed({n: aggregates[n] for n in ("hidden", *map(severed_key, settings.severed)) if n in aggregates},
-                     path=directory / "severed")
+                     path=directory / "severed", model=model)
         figures.append(directory / "severed.png")
     if KNOCKOUT in aggregates:
-        plot_knockout([aggregates[KNOCKOUT]], settings.window, directory / "knockout")
+        plot_knockout([aggregates[KNOCKOUT]], settings.window, directory / "knockout", model=model)
         figures.append(directory / "knockout.png")
     return figures
