@@ -261,6 +261,11 @@ def test_knockout_trace_stage_and_figure(compose_config, tiny_gpt2, tmp_path, on
     out = tmp_path / "figures"
     paths = figures.main(["knockout", "--sweep-dir", str(sweep), "--out", str(out)])
     assert {p.name for p in paths} == {"knockout.png", "knockout.pdf", "knockout.csv", "knockout.json"}
+    drawn = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(figures, "save_figure", lambda fig, stem: drawn.append(fig) or [])
+        figures.write_knockout(sweep, tmp_path / "again")
+    assert drawn[0].get_suptitle().startswith("tiny_gpt2: ")  # the figure names its model
     table = json.loads((out / "knockout.json").read_text())
     assert set(table) == {"entity", "relation"}
     import pandas as pd

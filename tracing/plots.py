@@ -101,8 +101,9 @@ def plot_trace_grid(result: TraceResult, path: str | Path | None = None) -> Figu
         plot_trace(result, name, ax=fig.add_subplot(1, panels, i + 1)).set_title(name, fontsize=9)
     if knocked:
         plot_fact_knockout(result, ax=fig.add_subplot(1, panels, panels))
-    fig.suptitle(titled(f"{result.prompt!r} ({result.perspective}): p clean {result.p_clean:.3f}, "
-                        f"corrupted {result.p_corrupted:.3f}", _model_of(result)), fontsize=10)
+    corrupted = "" if np.isnan(result.p_corrupted) else f", corrupted {result.p_corrupted:.3f}"  # NaN: knockout only
+    fig.suptitle(titled(f"{result.prompt!r} ({result.perspective}): p clean {result.p_clean:.3f}{corrupted}",
+                        _model_of(result)), fontsize=10)
     if path is not None:
         save_figure(fig, path)
     return fig
@@ -199,7 +200,8 @@ def plot_fact_knockout(result: TraceResult, ax) -> None:
     ax.set_xlabel(f"center of {result.settings.window} knocked-out layers")
     ax.set_ylabel(f"relative change of p({result.answer.strip()})")
     ax.set_title("attention knockout from the last token", fontsize=9)
-    _legend_below(ax, ncol=1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)  # beside the data, not on it
 
 
 def plot_knockout(aggregates: Sequence[RoleAIE], window: int | None = None, path: str | Path | None = None,
