@@ -6,7 +6,7 @@ hidden activation to the MLP output, so ROME's closed form applies unchanged wit
 
     key k: the projection's input ``blocks.{l}.attn.hook_z`` [d_attn] at the lookup token,
            averaged over the context templates (k*) or of the bare prompt (k_c, ``constraint_key``);
-    value v*: optimised at the attention output ``blocks.{l}.hook_attn_out`` [d_model];
+    value v*: optimised at the attention projection's output ``blocks.{l}.attn.hook_out`` [d_model];
     C: the second moment of the projection's inputs over the statistics corpus.
 
 Delta = (v* - W k_c - b) (C^-1 k*)^T / ((C^-1 k*)^T k_c) (``rome.rank_one_update``), in the

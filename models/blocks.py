@@ -25,6 +25,15 @@ from models.adapters import ArchitectureAdapter
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 
 
+def has_sliding_window(model) -> bool:
+    """Whether some attention layer sees only a window of recent keys (Gemma 3, Qwen with sliding windows).
+
+    Their KV-cache layers drop old keys and count the tokens they have seen, so code that selects,
+    copies or extends a shared prefix cache by hand must check this.
+    """
+    return "sliding_attention" in (getattr(model.config, "layer_types", None) or ())
+
+
 class PrefixCache:
     """A minimal stand-in for a transformers ``Cache`` handed to attention modules.
 

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from core.errors import DataError
 from core.memory import halving_map
+from models.blocks import has_sliding_window
 from models.load import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,9 @@ def candidate_nll(loaded: LoadedModel, prompts: Sequence[str], candidates: Seque
     ``candidates[i]`` lists prompt i's K targets (the same K for every prompt; pass the same list
     n times for a shared candidate set). ``batch_size`` counts (prompt, candidate) rows, so a
     batch holds ``batch_size // K`` prompts. ``method="concat"`` scores every pair as one
-    sequence (the reference); ``"cache"`` runs each prompt once and shares its KV cache.
+    sequence (the reference); ``"cache"`` runs each prompt once and shares its KV cache. Models
+    with sliding-window layers are always scored by ``"concat"``: the shared cache is row-selected
+    and extended by hand, which their window-limited cache layers do not support.
     """
     if len(candidates) != len(prompts):
         raise DataError("candidates", len(candidates), f"{len(prompts)} prompts but {len(candidates)} candidate lists",
@@ -176,6 +179,8 @@ def candidate_nll(loaded: LoadedModel, prompts: Sequence[str], candidates: Seque
     unique = sorted({target for options in candidates for target in options})
     unique_ids = dict(zip(unique, encode_targets(loaded, unique)))
     candidate_ids = [[unique_ids[target] for target in options] for options in candidates]
+    if method == "cache" and has_sliding_window(loaded.model):
+        method = "concat"
     if method == "concat":
         flat = _concat_nll(loaded, [row for row in prompt_ids for _ in range(k)],
                            [ids for options in candidate_ids for ids in options], batch_size, progress, "candidate nll")

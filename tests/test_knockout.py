@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.errors import ConfigError, DataError
-from models.blocks import BlockStack
+from core.errors import ConfigError, DataError, ModelError
+from models.blocks import BlockStack, has_sliding_window
 from models.hooks import Hooks
 from tracing import TraceSettings, trace, trace_fact
 from tracing.aggregate import KNOCKOUT, RoleAIE, aggregate_aie, aggregate_knockout
@@ -97,6 +97,10 @@ def test_mask_hook_agrees_in_eager_and_sdpa_and_a_no_op_changes_nothing(tiny_mod
 def test_knockout_matches_reference(tiny_model, one_thread, window, max_rows):
     """Batched single-position runs from the clean cache = one full forward with a full 4D mask per window."""
     settings = TraceSettings(kinds=("knockout",), window=window, samples=1, noise_scale=0.0)
+    if has_sliding_window(tiny_model.model):  # Gemma 3: refused by name until the batched runs handle windows
+        with pytest.raises(ModelError, match="sliding-window"):
+            trace(tiny_model, PROMPT, SUBJECT, settings=settings, max_rows=max_rows)
+        return
     engine = trace(tiny_model, PROMPT, SUBJECT, settings=settings, max_rows=max_rows)
     reference = trace(tiny_model, PROMPT, SUBJECT, settings=settings, engine="reference")
     assert engine.sources == {"subject": [3], "relation": [0, 1, 2, 4, 5, 6], "last": [7]}

@@ -30,7 +30,8 @@ def test_hook_pre_feeds_hook_post(tiny_model):
     """mlp.hook_pre is the first linear's output: GPT-2/GPT-J apply the activation to it; Llama's
     up_proj output times act(gate) is hook_post (so scaling one scales the other)."""
     adapter, model = tiny_model.adapter, tiny_model.model
-    mlp, seen = adapter.module(model, "mlp", 1), {}
+    mlp_path = adapter.mlp_in.format(layer=1).rsplit(".", 1)[0]  # the MLP proper (Gemma's "mlp" is its post-norm)
+    mlp, seen = adapter.get_module(model, mlp_path), {}
     handle = mlp.register_forward_hook(lambda module, args, output: seen.update(x=args[0].detach()))
     try:
         _, cache = run_with_cache(model, adapter, ["blocks.1.mlp.hook_pre", "blocks.1.mlp.hook_post"], **_encode(tiny_model))

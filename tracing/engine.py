@@ -29,7 +29,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from core.memory import free_memory, is_oom
-from models.blocks import BlockStack, PrefixCache
+from core.errors import ModelError
+from models.blocks import BlockStack, PrefixCache, has_sliding_window
 from models.hooks import Hooks, HookFn, recorder
 from models.load import LoadedModel
 from tracing.inputs import TraceInputs, TraceScores
@@ -108,6 +109,10 @@ def record_run(stack: BlockStack, token_embeds: Tensor, sublayers: Sequence[str]
 def engine_scores(loaded: LoadedModel, inputs: TraceInputs, settings: TraceSettings, max_rows: int | None = None,
                   progress: bool = False) -> TraceScores:
     """Restored p(answer) for every (token, layer) cell of every score name in ``settings``."""
+    if settings.knockout_names and has_sliding_window(loaded.model):
+        raise ModelError("trace.kinds", "knockout", f"{loaded.identity.get('name')} has sliding-window attention layers, "
+                         "which the knockout's batched runs do not reproduce yet",
+                         hint="trace the other kinds, or use a model with global attention only")
     stack = BlockStack(loaded.model, loaded.adapter)
     n_layers, n_tokens, samples = stack.n_layers, inputs.n_tokens, settings.samples
     ids = inputs.token_ids.to(stack.device)[None]  # [1 pos]
