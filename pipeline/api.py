@@ -123,7 +123,7 @@ def stage_config(name: str, model: Optional[str] = DEFAULT_MODEL, overrides: Seq
 
 def trace_settings(model: Optional[str] = DEFAULT_MODEL, seed: Optional[int] = None, overrides: Sequence[str] = (),
                    **values: Any):
-    """The ``tracing.TraceSettings`` the trace stage would use (``conf/stage/trace.yaml`` + overrides).
+    """The ``tracing.TraceSettings`` the trace stage would use (its schema defaults, ``conf/stage/trace.yaml`` + overrides).
 
     ``seed`` defaults to the config's ``seed``, as in a job.
     """
