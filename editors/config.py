@@ -326,7 +326,7 @@ class MendTrainConfig:
     steps: int = 10000
     n_edits: int = 1  # edits per step, applied together
     lr: float = 1e-6
-    lr_lr: float = 1e-4
+    lr_lr: float = 1e-4  # lr of the learned per-layer edit step sizes
     cedit: float = 0.1
     cloc: float = 1.0
     grad_clip: float = 100.0

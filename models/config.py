@@ -45,11 +45,19 @@ class ModelConfig:
 
 
 def model_config_by_name(name: str) -> ModelConfig:
-    """Compose ``conf/model/<name>.yaml`` outside Hydra (notebooks, scripts, ``load_model("tiny_gpt2")``)."""
+    """``conf/model/<name>.yaml`` read below the pipeline (``load_model("tiny_gpt2")``, which cannot compose).
+
+    The yaml is the one source; this reads it onto the schema, as Hydra's compose does
+    (``pipeline.api.model_config``, which scripts and notebooks should use: it also takes overrides).
+    A model yaml whose defaults list is more than the schema would compose differently: refused.
+    """
     path = CONF_DIR / "model" / f"{name}.yaml"
     if not path.exists():
         raise ConfigError("model", name, "unknown model config", hint=f"available: {', '.join(available_options('model'))}")
     values = OmegaConf.load(path)
-    values.pop("defaults", None)
+    defaults = list(values.pop("defaults", ["model_schema", "_self_"]))
+    if defaults != ["model_schema", "_self_"]:
+        raise ConfigError(f"conf/model/{name}.yaml defaults", defaults, "only [model_schema, _self_] is read outside Hydra",
+                          "use pipeline.api.model_config, or keep the model's values in its own yaml")
     merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), values)
     return OmegaConf.to_object(merged)

@@ -112,6 +112,12 @@ def editor_config(name: str, model: Optional[str] = DEFAULT_MODEL, overrides: Se
     return OmegaConf.to_object(cfg.editor)
 
 
+def model_config(name: str, overrides: Sequence[str] = (), **values: Any):
+    """The typed ``models.ModelConfig`` of ``conf/model/<name>.yaml`` (e.g. ``dtype="bfloat16"``)."""
+    cfg = compose([f"model={name}", *overrides, *keyword_overrides("model", values)])
+    return OmegaConf.to_object(cfg.model)
+
+
 def stage_config(name: str, model: Optional[str] = DEFAULT_MODEL, overrides: Sequence[str] = (), **values: Any):
     """The typed config of stage ``name`` (e.g. ``pipeline.stages.edit.EditStageConfig``), validated."""
     cfg = compose([*_choices(model, stage=name), *overrides, *keyword_overrides("stage", values)])
@@ -123,7 +129,7 @@ def stage_config(name: str, model: Optional[str] = DEFAULT_MODEL, overrides: Seq
 
 def trace_settings(model: Optional[str] = DEFAULT_MODEL, seed: Optional[int] = None, overrides: Sequence[str] = (),
                    **values: Any):
-    """The ``tracing.TraceSettings`` the trace stage would use (``conf/stage/trace.yaml`` + overrides).
+    """The ``tracing.TraceSettings`` the trace stage would use (its schema defaults, ``conf/stage/trace.yaml`` + overrides).
 
     ``seed`` defaults to the config's ``seed``, as in a job.
     """
@@ -174,5 +180,5 @@ def edit_and_evaluate(loaded, facts: Sequence, editor: str | Any = "rome", persp
         return compute_edits(cfg, settings, loaded, list(facts), Path(job_dir))
 
 
-__all__ = ["compose", "dataset_config", "edit_and_evaluate", "editor_config", "keyword_overrides",
+__all__ = ["compose", "dataset_config", "edit_and_evaluate", "editor_config", "keyword_overrides", "model_config",
            "override_value", "paths_config", "stage_config", "trace_settings"]

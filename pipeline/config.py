@@ -33,7 +33,8 @@ class PathsConfig:
 @dataclass
 class PerspectiveConfig:
     name: str = MISSING
-    # Relation perspective: which prompt tokens count as "the relation" (see facts.perspectives).
+    # Relation perspective: which prompt tokens count as "the relation" (see facts.perspectives):
+    # template, every non-subject token of the prompt; phrase, only the relation's content words.
     relation_span: str = "template"
 
 

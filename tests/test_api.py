@@ -122,3 +122,23 @@ def test_edit_and_evaluate_matches_the_edit_stage(compose_config, tiny_gpt2, tmp
     stored = read_jsonl(tmp_path / "job" / "cases.jsonl")
     assert [(r["pre"], r["post"]) for r in outcome.rows] == [(r["pre"], r["post"]) for r in stored]
     assert outcome.table.to_dict()["rows"] == read_json(tmp_path / "job" / "aggregates.json")["rows"]
+
+
+@pytest.mark.parametrize("name", available_options("model"))
+def test_model_config_by_name_reads_what_compose_composes(name):
+    """load_model("<name>") reads conf/model below the pipeline; it must agree with the compose API."""
+    from models.config import model_config_by_name
+
+    assert model_config_by_name(name) == api.model_config(name)
+    assert api.model_config(name, dtype="bfloat16").dtype == "bfloat16"
+
+
+def test_train_mend_without_an_editor_trains_the_composed_mend_editor(compose_config):
+    """editor=none: train_mend's editor is editor=mend composed for the job's model (conf/editor_model)."""
+    from pipeline.stages.train_mend import mend_editor
+
+    for editor in ("none", "mend"):
+        editor_cfg = mend_editor(compose_config("stage=train_mend", f"editor={editor}", "model=tiny_gpt2"))
+        assert editor_cfg == api.editor_config("mend", model="tiny_gpt2") and editor_cfg.layers
+    with pytest.raises(ConfigError, match="mend"):
+        mend_editor(compose_config("stage=train_mend", "editor=rome", "model=tiny_gpt2"))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra.errors import ConfigCompositionException
@@ -204,3 +206,38 @@ def test_help_lists_the_yaml_options_and_hides_the_schemas():
     assert "_schema" not in done.stdout  # registered in the ConfigStore, but never a user's choice
     for group in ("editor", "model", "stage", "experiment/stage"):
         assert f"{group}: {', '.join(available_options(group))}\n" in done.stdout
+
+
+def _restated_defaults(node: dict, schema: dict, prefix: str = "") -> list[str]:
+    """Keys of a yaml ``node`` whose value equals the schema's own default there (a second place for it)."""
+    restated = []
+    for key, value in node.items():
+        default = schema.get(key, "???")
+        if key == "defaults" or default == "???":  # not in the schema, or required (its value lives in the yaml)
+            continue
+        if isinstance(value, dict) and isinstance(default, dict):
+            restated += _restated_defaults(value, default, f"{prefix}{key}.")
+        elif value == default:
+            restated.append(f"{prefix}{key}: {value}")
+    return restated
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in ("stage", "perspective") for o in available_options(g)])
+def test_option_yamls_do_not_restate_schema_defaults(group, option):
+    """Each default lives in one place: the schema dataclass. A group option yaml lists only what differs."""
+    raw = OmegaConf.load(Path(__file__).parents[1] / "conf" / group / f"{option}.yaml")
+    schema_name = next(d for d in raw.defaults if isinstance(d, str) and d.endswith("_schema"))
+    spec = next(spec for g, name, spec in SCHEMAS if g == group and name == schema_name)
+    module, cls = spec.split(":")
+    schema = OmegaConf.to_container(OmegaConf.structured(getattr(importlib.import_module(module), cls)))
+    assert _restated_defaults(OmegaConf.to_container(raw), schema) == [], f"conf/{group}/{option}.yaml restates {spec}'s defaults"
+
+
+def test_trace_stage_defaults_are_the_trace_settings():
+    """What a trace computes defaults to tracing.TraceSettings in both the library and the trace stage."""
+    from pipeline.stages.config import TraceStageConfig
+    from tracing.settings import TraceSettings
+
+    library, stage = TraceSettings(), TraceStageConfig().trace_settings(seed=0)
+    for key in ("kinds", "window", "samples", "noise", "noise_factor", "noise_scale"):
+        assert getattr(stage, key) == getattr(library, key), key

@@ -8,14 +8,24 @@ token role with bootstrap intervals and ``tracing.plots`` draws the figures (``p
 one result).
 """
 
-from tracing.api import default_noise_std, perspective_char_spans, resolve_settings, trace, trace_fact
-from tracing.noise import embedding_std
-from tracing.result import TraceResult
-from tracing.settings import KINDS, KNOCKOUT_SOURCES, SEVERABLE, TraceSettings, knockout_key, severed_key, window_layers
-from tracing.spans import ROLES, token_roles
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "KINDS", "KNOCKOUT_SOURCES", "ROLES", "SEVERABLE", "TraceResult", "TraceSettings", "default_noise_std",
-    "embedding_std", "knockout_key", "perspective_char_spans", "resolve_settings", "severed_key", "token_roles", "trace",
-    "trace_fact", "window_layers",
-]
+# name -> module, imported on first use: ``tracing.settings`` (what a trace computes, its defaults)
+# stays importable without torch, so the stage schemas can take their defaults from it.
+_EXPORTS = {
+    "default_noise_std": "tracing.api", "perspective_char_spans": "tracing.api", "resolve_settings": "tracing.api",
+    "trace": "tracing.api", "trace_fact": "tracing.api", "embedding_std": "tracing.noise", "TraceResult": "tracing.result",
+    "KINDS": "tracing.settings", "KNOCKOUT_SOURCES": "tracing.settings", "SEVERABLE": "tracing.settings",
+    "TraceSettings": "tracing.settings", "knockout_key": "tracing.settings", "severed_key": "tracing.settings",
+    "window_layers": "tracing.settings", "ROLES": "tracing.spans", "token_roles": "tracing.spans",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'tracing' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)
+
+
+__all__ = sorted(_EXPORTS)

@@ -7,7 +7,7 @@ not import torch: each stage module imports its settings from here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from omegaconf import MISSING
 
@@ -18,9 +18,7 @@ from editors.requests import LOOKUPS
 from facts.config import DatasetConfig, HeldoutSlice
 from metrics.quality import CollapseThresholds
 from pipeline.distributed import FabricConfig
-
-if TYPE_CHECKING:
-    from tracing.settings import TraceSettings
+from tracing.settings import TraceSettings
 
 
 @dataclass
@@ -127,19 +125,34 @@ class EditStageConfig(ScoringSettings):
 
 @dataclass
 class TraceStageConfig:
+    """``stage=trace``: causal tracing (ROME) of the known facts from the configured perspective.
+
+    What a trace computes (window, samples, noise) defaults to ``tracing.TraceSettings``, its one place.
+    """
+
     name: str = "trace"
+    # First N known facts (null: all).
     n_facts: Optional[int] = 100
-    kinds: list[str] = field(default_factory=lambda: ["hidden", "mlp", "attn"])
+    kinds: list[str] = field(default_factory=lambda: list(TraceSettings.kinds))
+    # Also hidden-state traces with later MLP / attention outputs frozen.
     severed: bool = True
-    window: int = 10
-    samples: int = 10
-    noise: str = "gaussian"
-    noise_factor: float = 3.0
-    noise_scale: Optional[float] = None
+    # MLP / attention restore this many layers centred on the layer.
+    window: int = TraceSettings.window
+    # Noise samples per restoration.
+    samples: int = TraceSettings.samples
+    # gaussian | uniform
+    noise: str = TraceSettings.noise
+    # Noise scale = factor x std of subject-token embeddings over the dataset ...
+    noise_factor: float = TraceSettings.noise_factor
+    # ... or a fixed absolute scale.
+    noise_scale: Optional[float] = TraceSettings.noise_scale
+    # predicted (the model's greedy token, as ROME) | true (first token of the object)
     answer: str = "predicted"
+    # Restored rows per batch (null: from free memory).
     max_rows: Optional[int] = None
     n_bootstrap: int = 1000
     confidence: float = 0.95
+    # Per-fact heatmaps for the first N traced facts.
     plot_facts: int = 5
     knowledge_batch_size: int = 64
     progress: bool = True
@@ -163,8 +176,6 @@ class TraceStageConfig:
         self.fabric.validate()
         if not 0 < self.confidence < 1:
             raise ConfigError(f"{prefix}.confidence", self.confidence, "must be in (0, 1)", hint="e.g. 0.95")
-        from tracing.settings import TraceSettings
-
         return TraceSettings(kinds=tuple(self.kinds), severed=("mlp", "attn") if self.severed else (),
                              window=self.window, samples=self.samples, noise=self.noise,
                              noise_scale=self.noise_scale, noise_factor=self.noise_factor, seed=seed)

@@ -44,18 +44,12 @@ def _examples(kind: str, split: str, limit: Optional[int], cfg: DictConfig):
     return examples
 
 
-def mend_config(cfg: DictConfig) -> MendConfig:
-    """``cfg.editor`` when it is mend; with editor=none, conf/editor/mend.yaml + editor_model/mend_<model>.yaml."""
+def mend_editor(cfg: DictConfig) -> MendConfig:
+    """``cfg.editor`` when it is mend; with editor=none, ``editor=mend`` composed for the job's model."""
     if cfg.editor.name == "none":
-        from core.conf import CONF_DIR
+        from pipeline.api import editor_config
 
-        layers = [OmegaConf.load(CONF_DIR / "editor" / "mend.yaml")]
-        per_model = CONF_DIR / "editor_model" / f"mend_{cfg.model.name}.yaml"
-        if per_model.exists():
-            layers.append(OmegaConf.load(per_model))
-        for layer in layers:
-            layer.pop("defaults", None)
-        editor = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MendConfig), *layers))
+        editor = editor_config("mend", model=cfg.model.name)
     else:
         editor = OmegaConf.to_object(cfg.editor)
     if editor.name != "mend" or not editor.layers:
@@ -67,7 +61,7 @@ def mend_config(cfg: DictConfig) -> MendConfig:
 def run(cfg: DictConfig, job_dir: Path, logger) -> dict:
     settings: TrainMendStageConfig = OmegaConf.to_object(cfg.stage)
     settings.validate()
-    editor = mend_config(cfg)
+    editor = mend_editor(cfg)
     started = time.time()
     loaded = load_configured_model(cfg)
     editor.validate(loaded.adapter.n_layers)
