@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from editors import EditRequest
 
 TEMPLATES = ["The capital of {} is", "The mother tongue of {} is", "{} is located in", "{} works as a",
              "{} was born in", "The headquarters of {} are in", "{} plays the", "{} speaks"]
@@ -88,3 +92,49 @@ def race_identical_jobs(out_dir: str, trials: int) -> list[list[str]]:
             os.waitpid(pid, 0)
         outcomes.append([(base / f"outcome{child}").read_text() for child in range(2)])
     return outcomes
+
+
+# -- editing tests on tiny random models (test_alphaedit, test_rome_variants) ----------------------
+def subject_last(target: str, subject: str = "Danielle Darrieux", case_id: int = 0) -> EditRequest:
+    """A prompt that ends with the subject: where a tiny random model's edit is direct (see test_editors)."""
+    from editors import EditRequest, Rewrite
+
+    return EditRequest(case_id, subject, (Rewrite("Mother tongue: {}", target),), "Mother tongue: {}")
+
+
+def top_token(loaded, prompt: str) -> str:
+    ids = loaded.tokenizer(prompt, return_tensors="pt").to(loaded.device)
+    with torch.no_grad():
+        return loaded.tokenizer.decode(loaded.model(**ids).logits[0, -1].argmax()).strip()
+
+
+def weights(loaded) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
+
+
+def changed(before: dict, loaded) -> set[str]:
+    return {name for name, p in loaded.model.named_parameters() if not torch.equal(before[name], p)}
+
+
+def parameter_name(loaded, projection: str, layer: int) -> str:
+    weight = loaded.adapter.projection_weight(loaded.model, projection, layer)
+    return next(name for name, p in loaded.model.named_parameters() if p is weight)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def shared_model_cache(root: Path) -> Path:
+    """``root/cache``: a per-test cache whose ``models`` entry links to the session's ($KLOC_CACHE_DIR), so
+    a test gets fresh caches for everything but the converted models and tokenizers (~10 s each)."""
+    import os
+
+    cache = root / "cache"
+    if not cache.exists():
+        shared = Path(os.environ["KLOC_CACHE_DIR"]).resolve() / "models"
+        shared.mkdir(parents=True, exist_ok=True)
+        cache.mkdir(parents=True)
+        (cache / "models").symlink_to(shared)
+    return cache
+

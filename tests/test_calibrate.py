@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +19,8 @@ import torch
 import yaml
 
 from core.errors import ConfigError
-from core.io import atomic_save_tensors, read_json
+from core.io import atomic_save_tensors
+from helpers import shared_model_cache
 from pipeline.jobs import run_job
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,21 +34,10 @@ WRECKED = [2]  # the layer whose point generates loops
 AIE = [0.01, 0.05, 0.02, 0.0]  # the fake trace's MLP AIE at the last subject token: peak at layer 1
 
 
-def _cache(root: Path) -> Path:
-    """A per-test cache sharing the converted tokenizers (as tests/test_jobs.py)."""
-    cache = root / "cache"
-    if not cache.exists():
-        shared = Path(os.environ["KLOC_CACHE_DIR"]).resolve() / "models"
-        shared.mkdir(parents=True, exist_ok=True)
-        cache.mkdir(parents=True)
-        (cache / "models").symlink_to(shared)
-    return cache
-
-
 def _compose(root: Path, *extra: str):
     from pipeline.api import compose
 
-    return compose([*FAST, f"paths.output_dir={root / 'outputs'}", f"paths.cache_dir={_cache(root)}", *extra])
+    return compose([*FAST, f"paths.output_dir={root / 'outputs'}", f"paths.cache_dir={shared_model_cache(root)}", *extra])
 
 
 def _fake_trace(root: Path) -> Path:
@@ -266,7 +255,7 @@ def test_a_bad_knob_is_refused_before_the_model_loads(tmp_path, monkeypatch, ove
 
 def test_mend_is_refused_with_what_to_run_instead(compose_config, tmp_path):
     cfg = compose_config("stage=calibrate", "editor=mend", "model=tiny_gpt2", "logger=none",
-                         f"paths.cache_dir={_cache(tmp_path)}")
+                         f"paths.cache_dir={shared_model_cache(tmp_path)}")
     with pytest.raises(ConfigError) as info:
         run_job(cfg, tmp_path / "job")
     assert info.value.key == "editor" and "stage=train_mend" in info.value.hint

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from core.errors import ConfigError, ResourceError
+from helpers import shared_model_cache
 from pipeline.fingerprint import comparable_config
 from pipeline.joblock import job_state
 from pipeline.jobs import PREVIOUS, RESULTS, _set_aside, run_job
@@ -20,20 +21,9 @@ from pipeline.jobs import PREVIOUS, RESULTS, _set_aside, run_job
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _cache(tmp_path: Path) -> Path:
-    """A per-test cache that shares the converted tokenizers (a fresh conversion costs ~10 s)."""
-    cache = tmp_path / "cache"
-    if not cache.exists():
-        shared = Path(os.environ["KLOC_CACHE_DIR"]).resolve() / "models"
-        shared.mkdir(parents=True, exist_ok=True)
-        cache.mkdir(parents=True)
-        (cache / "models").symlink_to(shared)
-    return cache
-
-
 def _known(compose_config, tmp_path, *extra):
     return compose_config("stage=known", "model=tiny_gpt2", "dataset=known", "dataset.limit=6", "logger=none",
-                          f"paths.cache_dir={_cache(tmp_path)}", *extra)
+                          f"paths.cache_dir={shared_model_cache(tmp_path)}", *extra)
 
 
 def _files(job_dir: Path) -> dict[str, bytes]:
@@ -110,7 +100,7 @@ def test_job_state_tells_running_from_died(tmp_path):
 
 def _cli(tmp_path: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.run", "stage=known", "model=tiny_gpt2", "dataset=known", "logger=none",
-            f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={_cache(tmp_path)}", *extra]
+            f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={shared_model_cache(tmp_path)}", *extra]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -119,7 +109,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 def test_identical_jobs_started_together_compute_once(tmp_path):
     """The same job launched twice at once, 10 times: no crash, exactly one computation each time."""
-    _cache(tmp_path)  # the cache dir the race uses
+    shared_model_cache(tmp_path)  # the cache dir the race uses
     script = f"import json, helpers; print(json.dumps(helpers.race_identical_jobs({str(tmp_path)!r}, 10)))"
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT / "tests", env=_env(), capture_output=True,
                           text=True, timeout=600)

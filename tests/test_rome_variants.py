@@ -8,6 +8,7 @@ import torch
 
 from core.errors import ConfigError
 from editors import EditRequest, Rewrite, build_editor
+from helpers import changed, parameter_name, relative, subject_last, top_token, weights
 from editors.config import RomeConfig, StatsConfig
 from editors.keys import encode_prompt, keys_at, request_keys
 from editors.rome_attn import RomeAttn
@@ -25,34 +26,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 1 torch thread (
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("new_editor_cache")
-
-
-def subject_last(target: str, subject: str = "Danielle Darrieux", case_id: int = 0) -> EditRequest:
-    """A prompt that ends with the subject: where a tiny random model's edit is direct (see test_editors)."""
-    return EditRequest(case_id, subject, (Rewrite("Mother tongue: {}", target),), "Mother tongue: {}")
-
-
-def top_token(loaded, prompt: str) -> str:
-    ids = loaded.tokenizer(prompt, return_tensors="pt").to(loaded.device)
-    with torch.no_grad():
-        return loaded.tokenizer.decode(loaded.model(**ids).logits[0, -1].argmax()).strip()
-
-
-def weights(loaded) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
-
-
-def changed(before: dict, loaded) -> set[str]:
-    return {name for name, p in loaded.model.named_parameters() if not torch.equal(before[name], p)}
-
-
-def parameter_name(loaded, projection: str, layer: int) -> str:
-    weight = loaded.adapter.projection_weight(loaded.model, projection, layer)
-    return next(name for name, p in loaded.model.named_parameters() if p is weight)
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 # ------------------------------------------------------------------------------------ r-ROME
